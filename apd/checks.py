@@ -1,0 +1,55 @@
+"""Eager input checks shared by the public API.
+
+Public functions call these before any work. A check inspects values only when they are concrete
+(a NumPy array or a committed jax.Array): under `jax.jit` the values are tracers and only shapes are
+checked, so the same functions stay jit-compatible.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+
+def is_concrete(x) -> bool:
+    """True when `x` holds values that can be read on the host (not a tracer)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_levels(levels, name: str = "levels") -> None:
+    """Raises ValueError if a concrete level array has values outside [0, 1] or NaNs."""
+    if not is_concrete(levels):
+        return
+    arr = np.asarray(levels)
+    if arr.size == 0:
+        return
+    lo, hi = float(np.min(arr)), float(np.max(arr))
+    if not (0.0 <= lo and hi <= 1.0):  # also catches NaN
+        bad = arr[~((arr >= 0.0) & (arr <= 1.0))].ravel()[0]
+        raise ValueError(
+            f"{name} must lie in [0, 1] (0 = clean, 1 = pure noise); got a value {bad!r} "
+            f"(min {lo!r}, max {hi!r}) in an array of shape {arr.shape}."
+        )
+
+
+def check_level_shape(levels_shape: Sequence[int], x_shape: Sequence[int]) -> None:
+    """Levels carry one value per token: x's shape without its trailing channel axis.
+
+    Size-1 axes broadcast, so a per-sample level [B, 1, 1] serves x [B, H, W, C].
+    """
+    levels_shape, x_shape = tuple(levels_shape), tuple(x_shape)
+    tokens = x_shape[:-1]
+    ok = len(levels_shape) == len(tokens) and all(
+        lv in (1, xv) for lv, xv in zip(levels_shape, tokens, strict=True)
+    )
+    if not ok:
+        raise ValueError(
+            f"levels of shape {levels_shape} do not match data of shape {x_shape}: expected one "
+            f"level per token, shape {tokens} (x without its channel axis; size-1 axes broadcast)."
+        )
+
+
+def check_choice(kind: str, value: str, choices: Sequence[str]) -> None:
+    """Raises ValueError naming the bad value and the valid choices."""
+    if value not in choices:
+        raise ValueError(f"unknown {kind} {value!r}; expected one of {sorted(choices)}.")
