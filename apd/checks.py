@@ -24,7 +24,7 @@ def check_levels(levels, name: str = "levels") -> None:
     if arr.size == 0:
         return
     lo, hi = float(np.min(arr)), float(np.max(arr))
-    if not (0.0 <= lo and hi <= 1.0):  # also catches NaN
+    if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
         bad = arr[~((arr >= 0.0) & (arr <= 1.0))].ravel()[0]
         raise ValueError(
             f"{name} must lie in [0, 1] (0 = clean, 1 = pure noise); got a value {bad!r} "

@@ -27,8 +27,12 @@ class Schedule:
     shift: float = 1.0
 
     def __post_init__(self):
-        if not (isinstance(self.shift, (int, float)) and self.shift > 0 and math.isfinite(self.shift)):
-            raise ValueError(f"schedule shift must be a positive finite number; got {self.shift!r}.")
+        if not (
+            isinstance(self.shift, (int, float)) and self.shift > 0 and math.isfinite(self.shift)
+        ):
+            raise ValueError(
+                f"schedule shift must be a positive finite number; got {self.shift!r}."
+            )
 
     def alpha_sigma(self, t: Array) -> tuple[Array, Array]:
         """(alpha, sigma), each shaped like t, for levels t in [0, 1]."""

@@ -1,0 +1,129 @@
+"""Checkpoints under WORKDIR/checkpoints: one Orbax CheckpointManager for the whole run.
+
+Each step directory holds three items, committed together and atomically (Orbax writes to a
+temporary directory and renames it when complete, so a kill mid-save leaves the previous
+checkpoint as the latest):
+  state  the TrainState (params, EMA, optimizer state, step, base RNG), sharded arrays;
+  data   the grain iterator's state, so a resumed run sees the identical data stream;
+  model  a JSON description of the model (name, options, parameter shapes), checked on restore so
+         a checkpoint from a different model is refused with a clear message.
+"""
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The checkpoint in the workdir was written by a different model."""
+
+
+def model_description(model_config: dict, abstract_params: Any) -> dict:
+    """Name, options and a hash of the parameter tree's shapes, stored with every checkpoint."""
+    shapes = {
+        jax.tree_util.keystr(path): [list(leaf.shape), str(leaf.dtype)]
+        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params)
+    }
+    digest = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
+    return {
+        "model": model_config,
+        "num_params": int(
+            sum(int(jax.numpy.size(leaf)) for leaf in jax.tree.leaves(abstract_params))
+        ),
+        "param_shapes_sha256": digest,
+    }
+
+
+class Checkpointer:
+    """Saves and restores (state, data iterator, model description) by step."""
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        every_steps: int,
+        keep_last: int,
+        keep_every: int | None,
+        async_save: bool = True,
+    ):
+        self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=every_steps,
+            max_to_keep=keep_last,
+            keep_period=keep_every or None,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            item_names=("state", "data", "model"),
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                "model": ocp.JsonCheckpointHandler(),
+            },
+            options=options,
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(
+        self, step: int, state: Any, data_iter: Any, description: dict, *, force: bool = False
+    ) -> bool:
+        """Saves if the step is due (every_steps) or `force`; returns whether a save started."""
+        saved = self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(data_iter),
+                model=ocp.args.JsonSave(description),
+            ),
+            force=force,
+        )
+        if saved:
+            logging.info("Saving checkpoint at step %d to %s", step, self.directory)
+        return saved
+
+    def check_model(self, step: int, description: dict) -> None:
+        """Raises IncompatibleCheckpointError if the stored model differs from `description`."""
+        stored = self.manager.restore(
+            step, args=ocp.args.Composite(model=ocp.args.JsonRestore())
+        ).model
+        if stored.get("param_shapes_sha256") != description["param_shapes_sha256"]:
+            raise IncompatibleCheckpointError(
+                f"the checkpoint at step {step} in {self.directory} was written by a different "
+                f"model: stored {stored.get('model')} with {stored.get('num_params')} parameters, "
+                f"but the config builds {description['model']} with {description['num_params']} "
+                "parameters. Use a new --workdir, or the config that wrote this one "
+                "(its config.json)."
+            )
+
+    def restore(self, step: int, abstract_state: Any, data_iter: Any, description: dict) -> Any:
+        """Restores the state onto `abstract_state`'s shardings and the iterator in place."""
+        self.check_model(step, description)
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=grain.checkpoint.CheckpointRestore(data_iter),
+            ),
+        )
+        logging.info("Restored checkpoint at step %d from %s", step, self.directory)
+        return restored.state
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
