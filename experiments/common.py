@@ -31,9 +31,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> mc.ConfigDict:
             )
         kind = type(defaults[key])
         if kind is bool:
-            if not sep:
-                value = True
-            elif raw.lower() in ("true", "1", "yes"):
+            if not sep or raw.lower() in ("true", "1", "yes"):
                 value = True
             elif raw.lower() in ("false", "0", "no"):
                 value = False

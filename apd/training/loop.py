@@ -1,0 +1,244 @@
+"""`train_and_evaluate(config, workdir)`: the whole training run, resumable from its workdir."""
+
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mc
+import numpy as np
+from absl import logging
+from clu import parameter_overview, periodic_actions
+
+from apd import data as data_lib
+from apd import models
+from apd.training import checkpoint as checkpoint_lib
+from apd.training import mesh as mesh_lib
+from apd.training import metrics as metrics_lib
+from apd.training import optim
+from apd.training import state as state_lib
+from apd.training import step as step_lib
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves the current step and exits cleanly.
+
+    With several processes, jax.distributed's preemption notifier owns SIGTERM and Orbax's
+    `reached_preemption` agrees on a common step across processes.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+        self.requested = True
+
+    def reached(self, checkpointer: checkpoint_lib.Checkpointer, step: int) -> bool:
+        if jax.process_count() > 1:
+            return checkpointer.manager.reached_preemption(step)
+        return self.requested
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def write_config(config: mc.ConfigDict, workdir: str) -> None:
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def build_model(config: mc.ConfigDict, num_classes: int):
+    return models.build(
+        config.model.name, num_classes=num_classes, **config.model.get("options", {})
+    )
+
+
+def abstract_state(model, tx, image_shape, num_classes: int, seed: int):
+    """The TrainState's shapes and dtypes (jax.eval_shape), nothing allocated."""
+
+    def init(key):
+        z = jnp.zeros((1, *image_shape), jnp.float32)
+        levels = jnp.zeros((1, *image_shape[:-1]), jnp.float32)
+        labels = jnp.zeros((1,), jnp.int32) if num_classes else None
+        params = model.init({"params": key}, z, levels, labels)["params"]
+        return state_lib.TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            ema_params=params,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.key(seed)),
+        )
+
+    return init, jax.eval_shape(init, jax.random.key(seed))
+
+
+def state_shardings(abstract, mesh, rules):
+    specs = mesh_lib.param_specs(abstract, mesh, rules)
+    return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs)
+
+
+def global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+    """Per-process numpy batches -> global arrays sharded over the mesh's batch axes."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+    }
+
+
+def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns final metrics."""
+    # ----------------------------------------------------------------------------------------
+    # Setup: workdir, config, mesh. Every check that can fail runs before any compilation.
+    # ----------------------------------------------------------------------------------------
+    os.makedirs(workdir, exist_ok=True)
+    write_config(config, workdir)
+    mesh = mesh_lib.make(config.mesh.data, config.mesh.fsdp)
+    mesh_lib.check_batch_size(config.data.global_batch_size, mesh, jax.process_count())
+    image_shape, num_classes = data_lib.dataset_info(config.data.name, config.data)
+    if not config.model.class_conditional:
+        num_classes = 0
+    token_grid = tuple(image_shape[:-1])
+
+    source = data_lib.get_source(config.data.name, "train", config.data)
+    train_iter = data_lib.make_dataset(
+        source,
+        global_batch_size=config.data.global_batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        image_size=image_shape[0],
+    )
+
+    # ----------------------------------------------------------------------------------------
+    # Model and state, initialised directly into the sharded layout.
+    # ----------------------------------------------------------------------------------------
+    model = build_model(config, num_classes)
+    tx = optim.make(config.optimizer, config.total_steps)
+    init_fn, abstract = abstract_state(model, tx, image_shape, num_classes, config.seed)
+    shardings = state_shardings(abstract, mesh, models.sharding_rules(config.model.name))
+    description = checkpoint_lib.model_description(
+        config.model.to_dict() | {"num_classes": num_classes}, abstract.params
+    )
+
+    checkpointer = checkpoint_lib.Checkpointer(
+        workdir,
+        every_steps=config.checkpoint.every_steps,
+        keep_last=config.checkpoint.keep_last,
+        keep_every=config.checkpoint.keep_every,
+        async_save=config.checkpoint.async_save,
+    )
+    start = checkpointer.latest_step()
+    if start is None:
+        state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.seed))
+        start = 0
+    else:
+        abstract_sharded = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        )
+        state = checkpointer.restore(start, abstract_sharded, train_iter, description)
+
+    writer = metrics_lib.create_writer(workdir)
+    if start == 0:
+        parameter_overview.log_parameter_overview(state.params)
+        writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
+
+    # ----------------------------------------------------------------------------------------
+    # The jitted step: donates the state, batch sharded over every device.
+    # ----------------------------------------------------------------------------------------
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    train_step = jax.jit(
+        step_lib.make_train_step(
+            model, tx, config, token_grid, num_classes, batch_sharding=batch_sharding
+        ),
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, mesh_lib.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+    # ----------------------------------------------------------------------------------------
+    # The loop. Metrics are read one step late so the host never waits on the device.
+    # ----------------------------------------------------------------------------------------
+    total = config.total_steps
+    progress = periodic_actions.ReportProgress(
+        num_train_steps=total, writer=writer, every_secs=config.get("progress_every_secs", 30.0)
+    )
+    preemption = _Preemption()
+    history: list[dict[str, np.ndarray]] = []
+    pending = None  # (step, device metrics) of the last dispatched step
+    input_wait = 0.0
+    t_log = time.perf_counter()
+    last: dict[str, Any] = {}
+
+    def drain(pending):
+        step_done, device_metrics = pending
+        host = jax.device_get(device_metrics)
+        if not np.isfinite(host["loss"]) or not np.isfinite(host["grad_norm"]):
+            raise FloatingPointError(
+                f"non-finite training loss at step {step_done}: loss={host['loss']}, "
+                f"grad_norm={host['grad_norm']}. The last checkpoint "
+                f"(step {checkpointer.latest_step()}) is intact."
+            )
+        history.append(host)
+
+    step = start
+    try:
+        while step < total:
+            t0 = time.perf_counter()
+            batch = global_batch(next(train_iter), batch_sharding)
+            input_wait += time.perf_counter() - t0
+            state, device_metrics = train_step(state, batch)
+            if pending is not None:
+                drain(pending)
+            pending = (step + 1, device_metrics)
+            step += 1
+            progress(step)
+
+            if step % config.log_every_steps == 0 or step == total:
+                drain(pending)
+                pending = None
+                elapsed = time.perf_counter() - t_log
+                last = summarise(history, elapsed, input_wait, config.data.global_batch_size)
+                writer.write_scalars(step, last)
+                history, input_wait, t_log = [], 0.0, time.perf_counter()
+
+            stop = preemption.reached(checkpointer, step)
+            if stop or step == total or checkpointer.manager.should_save(step):
+                if pending is not None:
+                    drain(pending)
+                    pending = None
+                checkpointer.save(step, state, train_iter, description, force=stop)
+            if stop:
+                logging.warning("Stopped by preemption at step %d; relaunch to resume.", step)
+                break
+    finally:
+        preemption.restore()
+        checkpointer.close()
+        writer.flush()
+    return last | {"step": step}
+
+
+def summarise(history, elapsed, input_wait, global_batch_size) -> dict[str, float]:
+    """Means of the logged interval's metrics, loss per level bucket, throughput."""
+    out: dict[str, float] = {}
+    if not history:
+        return out
+    for name in ("loss", "grad_norm", "param_norm"):
+        out[name] = float(np.mean([h[name] for h in history]))
+    sums = np.sum([h["loss_per_level"] for h in history], axis=0)
+    counts = np.sum([h["tokens_per_level"] for h in history], axis=0)
+    n = len(sums)
+    for i in range(n):
+        if counts[i] > 0:
+            out[f"loss_level/{i / n:.1f}-{(i + 1) / n:.1f}"] = float(sums[i] / counts[i])
+    out["steps_per_sec"] = len(history) / max(elapsed, 1e-9)
+    out["images_per_sec"] = out["steps_per_sec"] * global_batch_size
+    out["input_wait_fraction"] = input_wait / max(elapsed, 1e-9)
+    return out
