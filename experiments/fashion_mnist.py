@@ -26,7 +26,9 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
         {
             "name": "fashion_mnist",
             "path": "/usr/share/datasets/fashion-mnist",
-            "data_dir": "",
+            "data_dir": None,
+            "image_size": None,
+            "random_flip": False,
             "global_batch_size": arg.batch,
         }
     )

@@ -1,8 +1,10 @@
 """`train_and_evaluate(config, workdir)`: the whole training run, resumable from its workdir."""
 
+import dataclasses
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -58,7 +60,7 @@ def write_config(config: mc.ConfigDict, workdir: str) -> None:
 
 def build_model(config: mc.ConfigDict, num_classes: int):
     return models.build(
-        config.model.name, num_classes=num_classes, **config.model.get("options", {})
+        config.model.name, num_classes=num_classes, **config.model.options.to_dict()
     )
 
 
@@ -93,6 +95,48 @@ def global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What a training run compiles: the model, its sharded state layout and the jitted step."""
+
+    model: Any
+    init: Callable[[], state_lib.TrainState]
+    abstract_state: state_lib.TrainState  # ShapeDtypeStructs carrying their shardings
+    train_step: Callable
+    batch_sharding: jax.sharding.NamedSharding
+    description: dict
+
+
+def build(config: mc.ConfigDict, mesh, image_shape: tuple[int, ...], num_classes: int) -> Run:
+    """Builds the model, the sharded state layout (nothing allocated) and the jitted step."""
+    model = build_model(config, num_classes)
+    tx = optim.make(config.optimizer, config.total_steps)
+    init_fn, abstract = abstract_state(model, tx, image_shape, num_classes, config.seed)
+    shardings = state_shardings(abstract, mesh, models.sharding_rules(config.model.name))
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    train_step = jax.jit(
+        step_lib.make_train_step(
+            model, tx, config, tuple(image_shape[:-1]), num_classes, batch_sharding=batch_sharding
+        ),
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, mesh_lib.replicated(mesh)),
+        donate_argnums=0,
+    )
+    init = jax.jit(init_fn, out_shardings=shardings)
+    return Run(
+        model=model,
+        init=lambda: init(jax.random.key(config.seed)),
+        abstract_state=jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        ),
+        train_step=train_step,
+        batch_sharding=batch_sharding,
+        description=checkpoint_lib.model_description(
+            config.model.to_dict() | {"num_classes": num_classes}, abstract.params
+        ),
+    )
+
+
 def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns final metrics."""
     # ----------------------------------------------------------------------------------------
@@ -102,31 +146,26 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict[str, Any]:
     write_config(config, workdir)
     mesh = mesh_lib.make(config.mesh.data, config.mesh.fsdp)
     mesh_lib.check_batch_size(config.data.global_batch_size, mesh, jax.process_count())
-    image_shape, num_classes = data_lib.dataset_info(config.data.name, config.data)
+    image_shape, num_classes = data_lib.dataset_info(config.data.name, config.data.image_size)
     if not config.model.class_conditional:
         num_classes = 0
-    token_grid = tuple(image_shape[:-1])
-
-    source = data_lib.get_source(config.data.name, "train", config.data)
+    source = data_lib.get_source(
+        config.data.name, "train", data_dir=config.data.data_dir, path=config.data.path
+    )
     train_iter = data_lib.make_dataset(
         source,
         global_batch_size=config.data.global_batch_size,
         seed=config.seed,
+        image_size=config.data.image_size,
+        random_flip=config.data.random_flip,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        image_size=image_shape[0],
     )
 
     # ----------------------------------------------------------------------------------------
-    # Model and state, initialised directly into the sharded layout.
+    # Model, state shardings and the jitted step.
     # ----------------------------------------------------------------------------------------
-    model = build_model(config, num_classes)
-    tx = optim.make(config.optimizer, config.total_steps)
-    init_fn, abstract = abstract_state(model, tx, image_shape, num_classes, config.seed)
-    shardings = state_shardings(abstract, mesh, models.sharding_rules(config.model.name))
-    description = checkpoint_lib.model_description(
-        config.model.to_dict() | {"num_classes": num_classes}, abstract.params
-    )
+    run = build(config, mesh, image_shape, num_classes)
 
     checkpointer = checkpoint_lib.Checkpointer(
         workdir,
@@ -137,31 +176,15 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict[str, Any]:
     )
     start = checkpointer.latest_step()
     if start is None:
-        state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.seed))
+        state = run.init()
         start = 0
     else:
-        abstract_sharded = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-        )
-        state = checkpointer.restore(start, abstract_sharded, train_iter, description)
+        state = checkpointer.restore(start, run.abstract_state, train_iter, run.description)
 
     writer = metrics_lib.create_writer(workdir)
     if start == 0:
         parameter_overview.log_parameter_overview(state.params)
         writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
-
-    # ----------------------------------------------------------------------------------------
-    # The jitted step: donates the state, batch sharded over every device.
-    # ----------------------------------------------------------------------------------------
-    batch_sharding = mesh_lib.batch_sharding(mesh)
-    train_step = jax.jit(
-        step_lib.make_train_step(
-            model, tx, config, token_grid, num_classes, batch_sharding=batch_sharding
-        ),
-        in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, mesh_lib.replicated(mesh)),
-        donate_argnums=0,
-    )
 
     # ----------------------------------------------------------------------------------------
     # The loop. Metrics are read one step late so the host never waits on the device.
@@ -192,9 +215,9 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict[str, Any]:
     try:
         while step < total:
             t0 = time.perf_counter()
-            batch = global_batch(next(train_iter), batch_sharding)
+            batch = global_batch(next(train_iter), run.batch_sharding)
             input_wait += time.perf_counter() - t0
-            state, device_metrics = train_step(state, batch)
+            state, device_metrics = run.train_step(state, batch)
             if pending is not None:
                 drain(pending)
             pending = (step + 1, device_metrics)
@@ -214,7 +237,7 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict[str, Any]:
                 if pending is not None:
                     drain(pending)
                     pending = None
-                checkpointer.save(step, state, train_iter, description, force=stop)
+                checkpointer.save(step, state, train_iter, run.description, force=stop)
             if stop:
                 logging.warning("Stopped by preemption at step %d; relaunch to resume.", step)
                 break
