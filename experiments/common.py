@@ -9,6 +9,8 @@ from typing import Any
 
 import ml_collections as mc
 
+from apd import levels
+
 
 def parse_arg(arg: str | None, **defaults: Any) -> mc.ConfigDict:
     """Parses 'k1=v1,k2=v2,flag' against typed defaults.
@@ -50,23 +52,14 @@ def parse_arg(arg: str | None, **defaults: Any) -> mc.ConfigDict:
     return out
 
 
-def level_sampler(name: str) -> mc.ConfigDict:
-    """The training level sampler block, with the knobs users sweep (method.md section 5)."""
-    params = {
-        "synchronous": {},
-        "independent": {},
-        "patchwise": {"patches": 4},
-        "perlin": {"scale": 4},
-        "asyncpatch": {
-            "t_min": 0.0,
-            "t_max": 1.0,
-            "delta_max": 0.5,
-            "p_synchronous": 0.0,
-        },
-    }
-    if name not in params:
-        raise ValueError(f"unknown level sampler {name!r}; expected one of {sorted(params)}.")
-    return mc.ConfigDict({"name": name, "params": params[name]})
+def level_sampler(name: str, grid: int | tuple[int, ...]) -> mc.ConfigDict:
+    """The training level sampler block with every parameter spelled out (method.md section 5).
+
+    All knobs users sweep (t_min, t_max, delta_max, the patch grids K and their probabilities, the
+    synchronous mixing probability, ...) appear in the config, so `--config.levels.params.X=...`
+    can set each of them and config.json records them.
+    """
+    return mc.ConfigDict({"name": name, "params": levels.resolve_params(name, grid)})
 
 
 def optimizer(

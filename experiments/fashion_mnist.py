@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
         {"name": arg.size, "class_conditional": True, "options": mc.ConfigDict()}
     )
     config.diffusion = common.diffusion()
-    config.levels = common.level_sampler(arg.sampler)
+    config.levels = common.level_sampler(arg.sampler, 28)
     config.optimizer = common.optimizer(lr=2e-3, warmup_steps=200)
     config.ema_decay = 0.999
     config.mesh = mc.ConfigDict({"data": -1, "fsdp": 1})
