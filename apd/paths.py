@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from apd import checks
-from apd.schedules import CosineVP, RectifiedFlow, Schedule
+from apd.schedules import RectifiedFlow, Schedule
 
 Array = jax.Array
 Path = Callable[[Array | float], Array]
@@ -60,36 +60,12 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
-def level_from_log_snr(log_snr: Array, schedule: Schedule) -> Array:
-    """The level t with schedule.log_snr(t) = log_snr, elementwise (closed form, differentiable).
-
-    Args:
-      log_snr: float32 array of any shape, finite.
-      schedule: a RectifiedFlow or CosineVP schedule (any shift).
-    Returns:
-      float32 levels in [0, 1], shaped like log_snr.
-    """
-    log_snr = jnp.asarray(log_snr, jnp.float32)
-    # Both schedules have alpha / sigma = f(t) / shift; solve f(t) = shift * exp(log_snr / 2).
-    log_ratio = 0.5 * log_snr + jnp.log(jnp.float32(schedule.shift))
-    if isinstance(schedule, RectifiedFlow):
-        t = jax.nn.sigmoid(-log_ratio)  # (1 - t) / t = exp(log_ratio)
-    elif isinstance(schedule, CosineVP):
-        t = (2.0 / jnp.pi) * jnp.arctan(jnp.exp(-log_ratio))  # cot(pi t / 2) = exp(log_ratio)
-    else:
-        raise ValueError(
-            f"no closed-form inverse of logSNR for schedule {schedule!r}; expected a RectifiedFlow "
-            "or CosineVP schedule."
-        )
-    return jnp.clip(t, 0.0, 1.0)
-
-
 def _log_snr_line(t_start: float, t_end: float, schedule: Schedule) -> Callable[[Array], Array]:
     """fraction in [0, 1] -> levels that far from t_start to t_end, linear in logSNR."""
     start, end = (schedule.log_snr(jnp.float32(t)) for t in (t_start, t_end))
 
     def levels(fraction: Array) -> Array:
-        return level_from_log_snr(start + fraction * (end - start), schedule)
+        return schedule.level_from_log_snr(start + fraction * (end - start))
 
     return levels
 

@@ -53,6 +53,16 @@ class Schedule:
         alpha, sigma = self.alpha_sigma(t)
         return jnp.square(alpha / sigma)
 
+    def level_from_log_snr(self, log_snr: Array) -> Array:
+        """The level t with log_snr(t) = log_snr, elementwise (closed form, differentiable)."""
+        log_snr = jnp.asarray(log_snr, jnp.float32)
+        # Every family has alpha / sigma = f(t) / shift; solve f(t) = shift * exp(log_snr / 2).
+        log_ratio = 0.5 * log_snr + jnp.log(jnp.float32(self.shift))
+        return jnp.clip(self._level_from_log_ratio(log_ratio), 0.0, 1.0)
+
+    def _level_from_log_ratio(self, log_ratio: Array) -> Array:
+        raise NotImplementedError
+
     def d_log_snr(self, t: Array) -> Array:
         """d logSNR / dt elementwise (negative), by a JVP of the schedule as in VDM."""
         t = jnp.asarray(t, jnp.float32)
@@ -82,6 +92,9 @@ class RectifiedFlow(Schedule):
         total = alpha + sigma
         return alpha / total, sigma / total
 
+    def _level_from_log_ratio(self, log_ratio: Array) -> Array:
+        return jax.nn.sigmoid(-log_ratio)  # (1 - t) / t = exp(log_ratio)
+
 
 @dataclasses.dataclass(frozen=True)
 class CosineVP(Schedule):
@@ -98,6 +111,9 @@ class CosineVP(Schedule):
     def _renormalise(alpha: Array, sigma: Array) -> tuple[Array, Array]:
         norm = jnp.sqrt(jnp.square(alpha) + jnp.square(sigma))
         return alpha / norm, sigma / norm
+
+    def _level_from_log_ratio(self, log_ratio: Array) -> Array:
+        return (2.0 / jnp.pi) * jnp.arctan(jnp.exp(-log_ratio))  # cot(pi t / 2) = exp(log_ratio)
 
 
 SCHEDULES = {"rectified_flow": RectifiedFlow, "cosine_vp": CosineVP}
