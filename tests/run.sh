@@ -5,33 +5,7 @@
 #   bash tests/run.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-VENV="${APD_VENV:-.venv}"
-PYTHON="${PYTHON:-python3.11}"
-command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
-
-if [ ! -x "$VENV/bin/python" ]; then
-  if ! "$PYTHON" -m venv "$VENV" 2>/dev/null; then
-    # Debian/Ubuntu ship venv separately.
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-      apt-get update -q && apt-get install -y -q python3-venv
-    else
-      echo "error: '$PYTHON -m venv' failed; install python3-venv (sudo apt-get install python3-venv)" >&2
-      exit 1
-    fi
-    rm -rf "$VENV"
-    "$PYTHON" -m venv "$VENV"
-  fi
-fi
-
-# Reinstall only when the requirements changed.
-stamp="$VENV/.apd-install-stamp"
-want="$(cat setup.py | sha256sum | cut -d' ' -f1)"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  "$VENV/bin/python" -m pip install -q -e ".[test]"
-  "$VENV/bin/python" -c "import apd, jax, flax, optax, orbax.checkpoint, grain, scipy, pytest"
-  echo "$want" > "$stamp"
-fi
+source launch/env.sh test
 
 echo "== ruff format --check && ruff check"
 "$VENV/bin/ruff" format --check .

@@ -1,10 +1,11 @@
 """grain pipelines: a resumable, sharded training stream and a one-pass evaluation set.
 
 Training (`make_dataset`) reads one global stream of records: the source, shuffled with a new
-permutation each epoch, repeated, optionally flipped and resized. Process `p` of `k` takes the
-stream positions `p, p + k, p + 2k, ...` and batches them, so at every step the union of the
-processes' batches is exactly the batch a single process would get with the global batch size:
-the data seen does not depend on the number of processes. All randomness (shuffle, flips) derives
+permutation each epoch, repeated, optionally flipped and resized, cut into global batches of B.
+Process `p` of `k` takes the contiguous block `[p * B / k, (p + 1) * B / k)` of every global batch,
+which is exactly where `jax.make_array_from_process_local_data` places its rows: the global batch,
+row for row, does not depend on the number of processes (and neither do the per-example level maps
+and noise drawn for it). All randomness (shuffle, flips) derives
 from `seed` and the stream position, so a stream is reproducible and resumes exactly from its
 iterator state, inside an Orbax checkpoint or alone.
 
@@ -100,7 +101,7 @@ def make_dataset(
       with b = global_batch_size // process_count. `get_state()` / `set_state(state)` save and
       resume the exact stream; see `checkpoint_save_args` for Orbax.
     """
-    index, count, batch_size = _process_shard(process_index, process_count, global_batch_size)
+    index, _, batch_size = _process_shard(process_index, process_count, global_batch_size)
     _check_image_size(image_size)
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(
@@ -118,11 +119,34 @@ def make_dataset(
         records = records.map(functools.partial(_resize, size=image_size))
     if num_epochs is not None:
         records = records[: len(records) // global_batch_size * global_batch_size]
-    batches = records[index::count].batch(batch_size, drop_remainder=True).map(_finish_batch)
+    block = _ProcessBlock(records, index, batch_size, global_batch_size)
+    batches = block.batch(batch_size, drop_remainder=True).map(_finish_batch)
     stream = batches.to_iter_dataset(_READ_OPTIONS)
     if worker_count > 0:
         stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return iter(stream)
+
+
+class _ProcessBlock(grain.MapDataset):
+    """Process p's records: the block [p * b, (p + 1) * b) of every global batch of B records."""
+
+    def __init__(self, parent: grain.MapDataset, index: int, batch_size: int, global_batch: int):
+        super().__init__(parent)
+        self._index = index
+        self._batch_size = batch_size
+        self._global_batch = global_batch
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._global_batch * self._batch_size
+
+    def __getitem__(self, position):
+        if isinstance(position, slice):
+            return self.slice(position)
+        batch, offset = divmod(position, self._batch_size)
+        return self._parent[batch * self._global_batch + self._index * self._batch_size + offset]
+
+    def __str__(self) -> str:
+        return f"ProcessBlock(index={self._index}, batch_size={self._batch_size})"
 
 
 class _PaddedRecords:

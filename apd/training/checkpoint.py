@@ -35,9 +35,7 @@ def model_description(model_config: dict, abstract_params: Any) -> dict:
     digest = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
     return {
         "model": model_config,
-        "num_params": int(
-            sum(int(jax.numpy.size(leaf)) for leaf in jax.tree.leaves(abstract_params))
-        ),
+        "num_params": int(sum(int(leaf.size) for leaf in jax.tree.leaves(abstract_params))),
         "param_shapes_sha256": digest,
     }
 
@@ -127,3 +125,65 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_params(
+    workdir: str, step: int | None = None, which: str = "ema_params"
+) -> tuple[int, Any, dict]:
+    """Restores one parameter tree of a training checkpoint onto this host, whatever mesh wrote it.
+
+    Only the requested tree is read (partial restore), onto the first local device.
+
+    Args:
+      workdir: the training workdir (holding `checkpoints/`).
+      step: the checkpoint step; None for the latest.
+      which: 'ema_params' (for evaluation) or 'params'.
+    Returns:
+      (step, params, model description).
+    """
+    directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"no checkpoints in {directory}: train first (python -m apd.train)."
+        )
+    manager = ocp.CheckpointManager(
+        directory,
+        item_names=("state", "model"),
+        item_handlers={
+            "state": ocp.PyTreeCheckpointHandler(),
+            "model": ocp.JsonCheckpointHandler(),
+        },
+        options=ocp.CheckpointManagerOptions(read_only=True),
+    )
+    try:
+        steps = manager.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no committed checkpoint in {directory}.")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise ValueError(f"no checkpoint at step {step} in {directory}; available: {steps}.")
+        metadata = manager.item_metadata(step).state
+        if which not in metadata:
+            raise ValueError(
+                f"unknown parameter tree {which!r}; expected one of {sorted(metadata)}."
+            )
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata[which]
+        )
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={which: target},
+                    restore_args=jax.tree.map(
+                        lambda _: ocp.ArrayRestoreArgs(sharding=device), {which: target}
+                    ),
+                    partial_restore=True,
+                ),
+                model=ocp.args.JsonRestore(),
+            ),
+        )
+    finally:
+        manager.close()
+    return step, restored.state[which], restored.model

@@ -83,11 +83,6 @@ def abstract_state(model, tx, image_shape, num_classes: int, seed: int):
     return init, jax.eval_shape(init, jax.random.key(seed))
 
 
-def state_shardings(abstract, mesh, rules):
-    specs = mesh_lib.param_specs(abstract, mesh, rules)
-    return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs)
-
-
 def global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
     """Per-process numpy batches -> global arrays sharded over the mesh's batch axes."""
     return {
@@ -112,7 +107,7 @@ def build(config: mc.ConfigDict, mesh, image_shape: tuple[int, ...], num_classes
     model = build_model(config, num_classes)
     tx = optim.make(config.optimizer, config.total_steps)
     init_fn, abstract = abstract_state(model, tx, image_shape, num_classes, config.seed)
-    shardings = state_shardings(abstract, mesh, models.sharding_rules(config.model.name))
+    shardings = models.param_shardings(abstract, mesh)
     batch_sharding = mesh_lib.batch_sharding(mesh)
     train_step = jax.jit(
         step_lib.make_train_step(
@@ -237,7 +232,9 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict[str, Any]:
                 if pending is not None:
                     drain(pending)
                     pending = None
-                checkpointer.save(step, state, train_iter, run.description, force=stop)
+                checkpointer.save(
+                    step, state, train_iter, run.description, force=stop or step == total
+                )
             if stop:
                 logging.warning("Stopped by preemption at step %d; relaunch to resume.", step)
                 break

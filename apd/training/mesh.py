@@ -1,12 +1,11 @@
 """The device mesh (axes 'data' and 'fsdp') and the shardings of batches and parameters.
 
-The batch is split over every device (both axes); parameters are split over 'fsdp' by a short list
-of (regex, tactic) rules, replicated over 'data'. With fsdp = 1 this is plain data parallelism.
+The batch is split over every device (both axes); parameters are split over 'fsdp' by the regex
+rules of `apd.models.partitioning`, replicated over 'data'. With fsdp = 1 this is plain data
+parallelism.
 """
 
-import re
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import numpy as np
@@ -14,9 +13,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 AXES = ("data", "fsdp")
 BATCH = PartitionSpec(AXES)
-
-# Parameters smaller than this stay replicated: sharding them saves little and costs collectives.
-MIN_SHARD_SIZE = 2**14
 
 
 def make(data: int, fsdp: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -59,46 +55,3 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, process_count: int = 1)
             f"devices in the mesh ({devices} = data {mesh.shape['data']} x fsdp "
             f"{mesh.shape['fsdp']}) and of the process count ({process_count})."
         )
-
-
-def fsdp_spec(shape: Sequence[int], fsdp: int) -> PartitionSpec:
-    """Shards the largest dimension divisible by `fsdp`; small or indivisible arrays replicate."""
-    if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < MIN_SHARD_SIZE:
-        return PartitionSpec()
-    for dim in np.argsort(shape)[::-1]:
-        if shape[dim] % fsdp == 0:
-            spec = [None] * len(shape)
-            spec[dim] = "fsdp"
-            return PartitionSpec(*spec)
-    return PartitionSpec()
-
-
-TACTICS = ("fsdp", "replicate")
-
-
-def param_specs(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, str]] = ((".*", "fsdp"),)) -> Any:
-    """PartitionSpecs for a pytree of arrays (or ShapeDtypeStructs) by (regex, tactic) rules.
-
-    The first rule whose regex matches the '/'-joined path of a leaf decides its tactic; leaves no
-    rule matches are replicated.
-    """
-    for _, tactic in rules:
-        if tactic not in TACTICS:
-            raise ValueError(f"unknown sharding tactic {tactic!r}; expected one of {TACTICS}.")
-    fsdp = mesh.shape["fsdp"]
-
-    def spec(path, leaf):
-        name = "/".join(_key_name(k) for k in path)
-        for pattern, tactic in rules:
-            if re.fullmatch(pattern, name):
-                return fsdp_spec(leaf.shape, fsdp) if tactic == "fsdp" else PartitionSpec()
-        return PartitionSpec()
-
-    return jax.tree_util.tree_map_with_path(spec, tree)
-
-
-def _key_name(key) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)

@@ -98,8 +98,8 @@ def make_train_step(
         sums, counts = losses.bucket_by_level(per_token, level_map, NUM_LEVEL_BUCKETS)
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(params),
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
             "loss_per_level": sums,
             "tokens_per_level": counts,
         }

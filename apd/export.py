@@ -1,0 +1,70 @@
+"""Exports a training checkpoint's EMA parameters for evaluation and sampling elsewhere.
+
+    python -m apd.export --workdir=DIR [--step=N] [--which=ema_params] --out=EXPORT_DIR
+
+EXPORT_DIR then holds `params/` (an Orbax standard checkpoint of the parameter tree, restorable on
+any device layout), `model.json` (model name, options, parameter count and shape hash, step) and
+`config.json` (the training config). `load(EXPORT_DIR)` reads it back.
+"""
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+
+from apd.training import checkpoint as checkpoint_lib
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_WHICH = flags.DEFINE_enum("which", "ema_params", ["ema_params", "params"], "Which parameters.")
+_OUT = flags.DEFINE_string("out", None, "Export directory (must not exist or be empty).")
+
+
+def export(workdir: str, out: str, step: int | None = None, which: str = "ema_params") -> int:
+    """Writes the export directory; returns the exported step."""
+    out = os.path.abspath(out)
+    if os.path.exists(out) and os.listdir(out):
+        raise FileExistsError(f"export directory {out} is not empty; choose a new --out.")
+    step, params, description = checkpoint_lib.restore_params(workdir, step, which)
+    os.makedirs(out, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(out, "params"), params)
+    with open(os.path.join(out, "model.json"), "w", encoding="utf-8") as f:
+        json.dump(description | {"step": step, "which": which}, f, indent=2, sort_keys=True)
+    config = os.path.join(workdir, "config.json")
+    if os.path.exists(config):
+        shutil.copy(config, os.path.join(out, "config.json"))
+    logging.info("Exported %s of step %d from %s to %s", which, step, workdir, out)
+    return step
+
+
+def load(export_dir: str) -> tuple[Any, dict]:
+    """(params on the first local device, model description) of an export directory."""
+    path = os.path.join(os.path.abspath(export_dir), "params")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{export_dir} is not an apd export (no params/); see apd.export.")
+    with open(os.path.join(export_dir, "model.json"), encoding="utf-8") as f:
+        description = json.load(f)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with ocp.StandardCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(path).item_metadata
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata
+        )
+        params = checkpointer.restore(path, target)
+    return params, description
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    export(_WORKDIR.value, _OUT.value, _STEP.value, _WHICH.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["workdir", "out"])
+    app.run(main)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Sourced by tests/run.sh and launch/quickstart.sh: creates or reuses the virtual environment
+# ($APD_VENV, default .venv) and installs apd with the given extras when setup.py changed.
+#
+#   source launch/env.sh [EXTRAS]      e.g. source launch/env.sh test
+# Leaves $VENV set.
+set -euo pipefail
+VENV="${APD_VENV:-.venv}"
+_extras="${1:-}"
+_python="${PYTHON:-python3.11}"
+command -v "$_python" >/dev/null 2>&1 || _python=python3
+
+if [ ! -x "$VENV/bin/python" ]; then
+  if ! "$_python" -m venv "$VENV" 2>/dev/null; then
+    # Debian/Ubuntu ship venv separately.
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      apt-get update -q && apt-get install -y -q python3-venv
+    else
+      echo "error: '$_python -m venv' failed; install python3-venv (sudo apt-get install python3-venv)" >&2
+      exit 1
+    fi
+    rm -rf "$VENV"
+    "$_python" -m venv "$VENV"
+  fi
+fi
+
+_stamp="$VENV/.apd-install-stamp"
+_want="$(cat setup.py | sha256sum | cut -d' ' -f1)-${_extras}"
+if [ ! -f "$_stamp" ] || [ "$(cat "$_stamp")" != "$_want" ]; then
+  echo "== installing apd${_extras:+[$_extras]} into $VENV"
+  "$VENV/bin/python" -m pip install -q -e ".${_extras:+[$_extras]}"
+  "$VENV/bin/python" -c "import apd, jax, flax, optax, orbax.checkpoint, grain"
+  echo "$_want" > "$_stamp"
+fi
