@@ -5,6 +5,7 @@ Public functions call these before any work. A check inspects values only when t
 checked, so the same functions stay jit-compatible.
 """
 
+import numbers
 from collections.abc import Sequence
 
 import jax
@@ -53,3 +54,16 @@ def check_choice(kind: str, value: str, choices: Sequence[str]) -> None:
     """Raises ValueError naming the bad value and the valid choices."""
     if value not in choices:
         raise ValueError(f"unknown {kind} {value!r}; expected one of {sorted(choices)}.")
+
+
+def as_grid(grid: int | Sequence[int]) -> tuple[int, ...]:
+    """The token grid as a tuple: n -> (n, n), (h, w) -> (h, w); ValueError if not positive ints."""
+    dims = (grid, grid) if isinstance(grid, numbers.Integral) else grid
+    ok = isinstance(dims, Sequence) and len(dims) >= 1
+    ok = ok and all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in dims)
+    if not ok or min(dims) < 1:
+        raise ValueError(
+            f"grid must be a positive int n (an n x n token grid) or a non-empty tuple of positive "
+            f"ints such as (h, w); got {grid!r}."
+        )
+    return tuple(int(n) for n in dims)

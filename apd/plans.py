@@ -91,7 +91,7 @@ def synchronous(steps: int, batch: int, grid: int | Sequence[int]) -> Plan:
     """
     steps = _check_int("steps", steps, lo=1)
     batch = _check_int("batch", batch, lo=1)
-    grid = as_grid(grid)
+    grid = checks.as_grid(grid)
     ramp = _ramp(steps).reshape(steps + 1, *(1,) * (1 + len(grid)))
     return Plan(ramp, jnp.ones((batch, *grid), bool))
 
@@ -170,7 +170,7 @@ def autoregressive(
     Returns:
       levels [S + 1, 1 or B, *grid] (1 when the order is shared by the batch), update all True.
     """
-    grid = as_grid(grid)
+    grid = checks.as_grid(grid)
     batch = _check_int("batch", batch, lo=1)
     patches = _check_int("patches (K, patches per axis)", patches, lo=1, hi=min(grid))
     steps_per_group = _check_int("steps_per_group", steps_per_group, lo=1)
@@ -384,19 +384,6 @@ def _first_bad(bad: np.ndarray, values: np.ndarray, what: str, offset: int = 0) 
 # ---------------------------------------------------------------------------------------------
 
 
-def as_grid(grid: int | Sequence[int]) -> Grid:
-    """The token grid as a tuple: n -> (n, n), (h, w) -> (h, w); ValueError if not positive ints."""
-    dims = (grid, grid) if isinstance(grid, numbers.Integral) else grid
-    ok = isinstance(dims, Sequence) and len(dims) >= 1
-    ok = ok and all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in dims)
-    if not ok or min(dims) < 1:
-        raise ValueError(
-            f"grid must be a positive int n (an n x n token grid) or a non-empty tuple of positive "
-            f"ints such as (h, w); got {grid!r}."
-        )
-    return tuple(int(n) for n in dims)
-
-
 def _ramp(steps: int) -> Array:
     """[S + 1] float32: 1 - k / S, exactly 1 at k = 0 and 0 at k = S."""
     return 1.0 - jnp.arange(steps + 1, dtype=jnp.float32) / steps
@@ -468,7 +455,7 @@ def _check_order(order: Array, groups: int, batch: int) -> Array:
 
 def _demo_plan(args: argparse.Namespace) -> Plan:
     """The plan the `show` command draws, for a one-image batch."""
-    grid = as_grid(args.grid)
+    grid = checks.as_grid(args.grid)
     coords = jnp.meshgrid(*(jnp.linspace(-1.0, 1.0, n) for n in grid), indexing="ij")
     radius = jnp.sqrt(sum(jnp.square(c) for c in coords)) / math.sqrt(len(grid))
     if args.plan == "synchronous":

@@ -16,7 +16,7 @@ from experiments import common
 
 def get_config(arg: str | None = None) -> mc.ConfigDict:
     arg = common.parse_arg(
-        arg, sampler="asyncpatch", size="unet-fmnist", steps=6000, batch=64, smoke=False
+        arg, sampler="asyncpatch", size="unet-small", steps=6000, batch=64, smoke=False
     )
     config = mc.ConfigDict()
     config.seed = 0

@@ -22,6 +22,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
+from apd import checks
 from apd.levels import samplers, stats
 
 _LIST_PARAMS = {"patch_sizes": int, "patch_probs": float}
@@ -53,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 def _parse_grid(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(v) for v in text.split(","))
-        return samplers.as_grid(sizes[0] if len(sizes) == 1 else sizes)
+        return checks.as_grid(sizes[0] if len(sizes) == 1 else sizes)
     except ValueError:
         raise ValueError(f"--grid must be n or comma-separated sizes h,w; got {text!r}.") from None
 

@@ -83,7 +83,7 @@ def sample(name: str, key: Array, batch_size: int, grid: int | Sequence[int], **
       levels: [B, *grid] float32 in [0, 1].
     """
     resolved = resolve_params(name, grid, **params)
-    grid = as_grid(grid)
+    grid = checks.as_grid(grid)
     batch_size = _check_int("batch_size", batch_size, lo=0)
     _check_key(key)
     return _sample_jit(
@@ -98,7 +98,7 @@ def resolve_params(name: str, grid: int | Sequence[int], **params) -> dict[str, 
     value (naming it and the expected form). Sequences come back as tuples, numbers as int/float.
     """
     checks.check_choice("level sampler", name, NAMES)
-    grid = as_grid(grid)
+    grid = checks.as_grid(grid)
     valid = DEFAULTS[name]
     for param in params:
         if param not in valid:
@@ -107,19 +107,6 @@ def resolve_params(name: str, grid: int | Sequence[int], **params) -> dict[str, 
                 f"{sorted(valid) if valid else 'none'}."
             )
     return _RESOLVERS[name](grid, **{**valid, **params})
-
-
-def as_grid(grid: int | Sequence[int]) -> Grid:
-    """The token grid as a tuple: n -> (n, n), (h, w) -> (h, w); ValueError if not positive ints."""
-    dims = (grid, grid) if isinstance(grid, numbers.Integral) else grid
-    ok = isinstance(dims, Sequence) and len(dims) >= 1
-    ok = ok and all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in dims)
-    if not ok or min(dims) < 1:
-        raise ValueError(
-            f"grid must be a positive int n (an n x n token grid) or a non-empty tuple of positive "
-            f"ints such as (h, w); got {grid!r}."
-        )
-    return tuple(int(n) for n in dims)
 
 
 # ---------------------------------------------------------------------------------------------
