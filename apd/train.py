@@ -9,12 +9,10 @@ written to DIR/config.json. For a local multi-process run add --coordinator_addr
 the processes find each other by themselves.
 """
 
-import logging as pylogging
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from apd import distributed
+from apd import distributed, runs
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -31,15 +29,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _quiet_orbax(record) -> bool:
-    """Drops Orbax's per-save INFO chatter; its warnings and errors still show."""
-    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_quiet_orbax)
+    logging.get_absl_handler().addFilter(runs.quiet_orbax)
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     # Imported after initialisation: importing TensorFlow-backed writers first is harmless,
     # but jax must not be used before jax.distributed.initialize.

@@ -44,6 +44,8 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
         {"every_steps": 500, "keep_last": 3, "keep_every": 0, "async_save": True}
     )
     config.log_every_steps = 50
+    config.sample_every_steps = 1000  # PNG grids of EMA samples in WORKDIR/samples; 0 = off
+    config.sample = mc.ConfigDict({"num": 64, "steps": 50, "eta": 0.25})
     config.progress_every_secs = 30.0
 
     if arg.smoke:
@@ -54,4 +56,5 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
         config.checkpoint.every_steps = 2
         config.log_every_steps = 2
         config.progress_every_secs = 1.0
+        config.sample_every_steps = 0
     return config

@@ -15,7 +15,8 @@ from absl import logging
 from clu import parameter_overview, periodic_actions
 
 from apd import data as data_lib
-from apd import models
+from apd import models, plans
+from apd.sampling import images as sample_images
 from apd.training import checkpoint as checkpoint_lib
 from apd.training import mesh as mesh_lib
 from apd.training import metrics as metrics_lib
@@ -162,6 +163,24 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict[str, Any]:
     # ----------------------------------------------------------------------------------------
     run = build(config, mesh, image_shape, num_classes)
 
+    sample_every = config.get("sample_every_steps", 0)
+    if sample_every:
+        # Fixed noise and labels, so the grids are comparable across steps.
+        sample_plan = plans.synchronous(config.sample.steps, config.sample.num, image_shape[:-1])
+        sample_labels = (
+            np.arange(config.sample.num, dtype=np.int32) % num_classes if num_classes else None
+        )
+        sample_fn = sample_images.make_sample_fn(
+            run.model.apply,
+            schedule=step_lib.schedule_from_config(config),
+            prediction=config.diffusion.prediction,
+            channels=image_shape[-1],
+            eta=config.sample.eta,
+            num_classes=num_classes,
+            out_sharding=mesh_lib.replicated(mesh),
+        )
+        sample_key = jax.random.key(config.seed)
+
     checkpointer = checkpoint_lib.Checkpointer(
         workdir,
         every_steps=config.checkpoint.every_steps,
@@ -235,6 +254,14 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict[str, Any]:
                 checkpointer.save(
                     step, state, train_iter, run.description, force=stop or step == total
                 )
+            if sample_every and (step % sample_every == 0 or step == total):
+                images = jax.device_get(
+                    sample_fn(state.ema_params, sample_plan, sample_key, labels=sample_labels)
+                )
+                if jax.process_index() == 0:
+                    sample_images.write_sample_grid(
+                        os.path.join(workdir, "samples", f"step_{step:08d}.png"), images
+                    )
             if stop:
                 logging.warning("Stopped by preemption at step %d; relaunch to resume.", step)
                 break

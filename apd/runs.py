@@ -1,0 +1,253 @@
+"""A trained run, loaded for sampling and evaluation: config, model, parameters, uncertainty head.
+
+    run = apd.runs.load(workdir="runs/fmnist")            # latest checkpoint, EMA parameters
+    run = apd.runs.load(export_dir="exports/fmnist")      # an `apd.export` directory
+    x = run.model.apply({"params": run.params}, z, levels, labels)
+
+A run is read from a training workdir (`checkpoints/` and the `config.json` the training binary
+writes) or from an export directory (`params/`, `model.json`, `config.json`). The model is
+rebuilt from the checkpoint's own model description, and its parameter shapes are checked
+against it, so a checkpoint and the code that reads it cannot silently disagree.
+
+The uncertainty head of a run (`python -m apd.train_uncertainty`) lives in `DIR/uncertainty/`:
+`params/` (an Orbax standard checkpoint of the head's parameters), `opt_state/` (for resuming)
+and `head.json` (the head's attributes, the backbone step and parameter hash it was trained
+against, its losses). `load_uncertainty(run)` reads it back.
+"""
+
+import dataclasses
+import json
+import logging as pylogging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections as mc
+import orbax.checkpoint as ocp
+from absl import logging
+
+from apd import data as data_lib
+from apd import export, models, schedules
+from apd.training import checkpoint as checkpoint_lib
+
+Array = jax.Array
+
+UNCERTAINTY_DIR = "uncertainty"
+UNCERTAINTY_JSON = "head.json"
+
+
+class MissingUncertaintyHeadError(FileNotFoundError):
+    """The run has no trained uncertainty head; the message says how to train one."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A trained backbone and what is needed to sample from it."""
+
+    config: mc.ConfigDict  # the run's final training config (its config.json)
+    model: nn.Module  # the backbone, rebuilt from the checkpoint's model description
+    params: Any  # the loaded parameter tree (EMA by default), on the first local device
+    schedule: schedules.Schedule
+    prediction: str  # 'x', 'eps' or 'v'
+    num_classes: int  # 0 for an unconditional model; else label num_classes is the null label
+    step: int  # the training step of the checkpoint
+    image_shape: tuple[int, int, int]  # (H, W, C) of the data
+    description: dict  # the checkpoint's model description (name, options, shape hash)
+    directory: str  # the workdir or export directory it came from
+
+
+def load(
+    workdir: str | None = None,
+    *,
+    export_dir: str | None = None,
+    step: int | None = None,
+    which: str = "ema_params",
+) -> Run:
+    """Loads a run from a training workdir or an export directory (exactly one of them).
+
+    Args:
+      workdir: a training workdir (holding `checkpoints/` and `config.json`).
+      export_dir: an `apd.export` directory.
+      step: the checkpoint step (workdir only); None for the latest.
+      which: 'ema_params' or 'params' (workdir only; an export holds one tree).
+    Raises:
+      FileNotFoundError: no such directory, no checkpoint, or no config.json.
+      ValueError: both or neither of workdir/export_dir, an unknown step, or parameters that do
+        not fit the model the description names.
+    """
+    if (workdir is None) == (export_dir is None):
+        raise ValueError(
+            f"load takes exactly one of workdir (a training workdir) or export_dir (an apd.export "
+            f"directory); got workdir={workdir!r}, export_dir={export_dir!r}."
+        )
+    directory = os.path.abspath(workdir if workdir is not None else export_dir)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no such directory: {directory}.")
+    if workdir is not None:
+        step, params, description = checkpoint_lib.restore_params(directory, step, which)
+    else:
+        if step is not None:
+            raise ValueError(
+                f"an export directory holds one step; got step={step!r} with export_dir."
+            )
+        params, description = export.load(directory)
+        step = int(description["step"])
+    config = _read_config(directory)
+    model_cfg = description["model"]
+    num_classes = int(model_cfg.get("num_classes", 0))
+    model = models.build(
+        model_cfg["name"], num_classes=num_classes, **_tuples(model_cfg["options"])
+    )
+    image_shape, _ = data_lib.dataset_info(config.data.name, config.data.image_size)
+    _check_model(model, image_shape, description)
+    return Run(
+        config=config,
+        model=model,
+        params=params,
+        schedule=schedules.get(config.diffusion.schedule, config.diffusion.shift),
+        prediction=config.diffusion.prediction,
+        num_classes=num_classes,
+        step=int(step),
+        image_shape=tuple(image_shape),
+        description=description,
+        directory=directory,
+    )
+
+
+def quiet_orbax(record) -> bool:
+    """An absl log filter for the binaries: drops Orbax's INFO chatter; warnings still show."""
+    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
+def _read_config(directory: str) -> mc.ConfigDict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} is missing: the run's config (schedule, prediction type, dataset) is needed "
+            "to sample. The training binary writes it to the workdir; apd.export copies it."
+        )
+    with open(path, encoding="utf-8") as f:
+        return mc.ConfigDict(json.load(f))
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples model attributes are declared with."""
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def _check_model(model: nn.Module, image_shape: tuple[int, ...], description: dict) -> None:
+    """The rebuilt model must have the parameter shapes the checkpoint was written with."""
+    abstract = models.abstract_params(model, tuple(image_shape))
+    digest = checkpoint_lib.model_description({}, abstract)["param_shapes_sha256"]
+    if digest != description.get("param_shapes_sha256"):
+        raise ValueError(
+            f"the model {description['model']} built by this code has other parameter shapes "
+            f"(hash {digest}) than the checkpoint (hash {description.get('param_shapes_sha256')}): "
+            "the checkpoint was written by another version of apd.models."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The uncertainty head
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class UncertaintyHead:
+    """A trained uncertainty head of a run."""
+
+    head: models.UncertaintyHead
+    params: Any
+    info: dict  # the contents of head.json
+
+
+def uncertainty_dir(run: Run) -> str:
+    """Where the run's uncertainty head lives: DIR/uncertainty."""
+    return os.path.join(run.directory, UNCERTAINTY_DIR)
+
+
+def _train_command(run: Run) -> str:
+    flag = "--export" if os.path.isdir(os.path.join(run.directory, "params")) else "--workdir"
+    return f"python -m apd.train_uncertainty {flag}={run.directory}"
+
+
+def read_uncertainty_info(directory: str) -> dict | None:
+    """head.json of an uncertainty directory, or None if there is none."""
+    path = os.path.join(directory, UNCERTAINTY_JSON)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def restore_tree(path: str, target: Any = None) -> Any:
+    """An Orbax standard checkpoint onto the first local device (`target` gives the structure;
+    default the stored one)."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with ocp.StandardCheckpointer() as checkpointer:
+        if target is None:
+            target = checkpointer.metadata(path).item_metadata
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), target
+        )
+        return checkpointer.restore(path, target)
+
+
+def load_uncertainty(run: Run) -> UncertaintyHead:
+    """The run's trained uncertainty head.
+
+    Raises:
+      MissingUncertaintyHeadError: none trained yet (the message gives the command to train one).
+      ValueError: the head was trained against a backbone with other parameter shapes.
+    """
+    directory = uncertainty_dir(run)
+    info = read_uncertainty_info(directory)
+    if info is None or not os.path.isdir(os.path.join(directory, "params")):
+        raise MissingUncertaintyHeadError(
+            f"no uncertainty head in {directory}: the adaptive plan needs one. Train it on the "
+            f"frozen model first: {_train_command(run)}"
+        )
+    backbone = info["backbone"]
+    if backbone["param_shapes_sha256"] != run.description["param_shapes_sha256"]:
+        raise ValueError(
+            f"the uncertainty head in {directory} was trained against another model "
+            f"({backbone['model']}); retrain it: {_train_command(run)} --restart"
+        )
+    if backbone["step"] != run.step:
+        logging.warning(
+            "The uncertainty head in %s was trained against step %d; the backbone is at step %d. "
+            "Retrain it for calibrated predictions: %s",
+            directory,
+            backbone["step"],
+            run.step,
+            _train_command(run),
+        )
+    head = models.UncertaintyHead(**info["head"])
+    return UncertaintyHead(head, restore_tree(os.path.join(directory, "params")), info)
+
+
+def log_error_fn(
+    model: nn.Module, head: nn.Module
+) -> Callable[[Any, Any, Array, Array, Array | None], Array]:
+    """`predict(backbone_params, head_params, z, levels, labels) -> log squared error`.
+
+    The backbone runs on (z [B, H, W, C], levels [B, H, W], labels [B] or None) with
+    `return_features=True`; the head maps its features and the level map to the predicted
+    per-pixel log of the mean over channels of (x_hat - x)^2, [B, H, W] float32.
+    """
+
+    def predict(
+        backbone_params: Any, head_params: Any, z: Array, levels: Array, labels: Array | None
+    ) -> Array:
+        _, features = model.apply(
+            {"params": backbone_params}, z, levels, labels, return_features=True
+        )
+        return head.apply({"params": head_params}, features, levels)
+
+    return predict

@@ -1,0 +1,625 @@
+"""Samples from a trained run along a plan (method.md §7) and writes images, arrays and a record.
+
+    python -m apd.sample --workdir=DIR --plan=synchronous --num=64 --out=DIR2
+    python -m apd.sample --export=EXPORT_DIR --plan=inpaint --mask=square --out=DIR2
+    python -m apd.sample --workdir=DIR --plan=edit --strength=linear --out=DIR2
+    python -m apd.sample --workdir=DIR --plan=autoregressive --patches=4 --steps_per_group=16 ...
+    python -m apd.sample --workdir=DIR --plan=adaptive --steps=250 --min_steps=100 --out=DIR2
+    python -m apd.sample --workdir=DIR --plan=repaint --mask=half --jump=10 --resample=10 ...
+
+The run's EMA parameters are used (the latest checkpoint, or --step; an export holds one step).
+
+Plans:
+  synchronous     every pixel 1 -> 0 in --steps steps.
+  inpaint         known pixels (--mask) kept exactly, the others 1 -> 0 in --steps steps.
+  edit            pixel i from its --strength (noised image) to 0 in --steps steps; strength 0
+                  keeps the pixel.
+  autoregressive  K x K patches (--patches) generated one after another in --order, each over
+                  --steps_per_group steps, consecutive windows sharing --overlap steps (--steps
+                  is not used: the plan has (K^2 - 1)(steps_per_group - overlap) +
+                  steps_per_group steps).
+  adaptive        uncertainty-guided: needs a trained head (python -m apd.train_uncertainty).
+                  The head predicts each pixel's log squared error at the START state (the
+                  noise, and the known pixels with --mask: adaptive inpainting), the one state
+                  seen before any step; `plans.difficulty_from_log_error` maps it to [0, 1] (per
+                  image from its easiest to its hardest pixel, or by --difficulty_low/high) and
+                  pixel i gets round(min_steps + (steps - min_steps) * d_i) steps (--align).
+                  The network-call count is printed next to the synchronous plan's.
+  repaint         the RePaint baseline (--jump, --resample; eta 1) on --mask.
+
+Masks (1 = known): half (left half known), top (top half known), square (a centred square of
+half the side to generate), patches (each cell of a 4 x 4 grid to generate with probability
+1/2, per image), or FILE.npy ([H, W] or [N, H, W], 0/1). Strength maps: linear (0 at the left
+edge, kept, rising to 1 at the right edge) or FILE.npy ([H, W] or [N, H, W] in [0, 1]). Input
+images are the first --num images of the dataset's --split.
+
+Labels (class-conditional models): auto (the images' labels for plans with inputs, else
+random), random, data, null (unconditional), or class ids '3' / '0,1,2' (repeated cyclically).
+
+Output in --out: samples.png (the grid; inputs with masks, strength or step-count maps beside
+the samples where the plan has them), samples.npz (samples uint8 [N, H, W, C] and
+samples_float float32 in [-1, 1]; labels, inputs, inputs_float, masks (1 = known), strength,
+steps_per_pixel and log_error where relevant) and sample_info.json (checkpoint step, plan and
+its options, steps, eta, guidance, labels, network calls from `sample_cost`, seed).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from apd import checks, plans, runs, sampling
+from apd import data as data_lib
+from apd.sampling import images
+
+Array = jax.Array
+
+PLANS = ("synchronous", "inpaint", "edit", "autoregressive", "adaptive", "repaint")
+MASKS = ("half", "top", "square", "patches")
+LABEL_MODES = ("auto", "random", "data", "null")
+_WITH_INPUTS = ("inpaint", "edit", "repaint")
+_PATCH_CELLS = 4  # the 'patches' mask: a 4 x 4 grid of cells
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What `run` samples; the fields mirror the command-line flags (see the module docstring)."""
+
+    plan: str
+    out: str
+    workdir: str | None = None
+    export: str | None = None
+    step: int | None = None
+    num: int = 64
+    batch: int = 64
+    steps: int = 250
+    eta: float | None = None  # None: 0.25 (RePaint: 1)
+    cfg_scale: float = 0.0
+    input_guidance: float = 0.0
+    labels: str = "auto"
+    seed: int = 0
+    split: str = "test"
+    mask: str | None = None  # None: 'half' for inpaint and repaint; no mask for adaptive
+    strength: str = "linear"
+    patches: int = 4
+    steps_per_group: int = 16
+    order: str = "raster"
+    overlap: int = 0
+    min_steps: int | None = None  # None: 2 * steps // 5
+    align: str = "end"
+    difficulty_low: float | None = None
+    difficulty_high: float | None = None
+    jump: int = 10
+    resample: int = 10
+
+
+_FLAGS = flags.FlagValues()
+
+
+def _define_flags() -> None:
+    d = Options(plan="", out="")
+    f = _FLAGS
+    flags.DEFINE_string("workdir", None, "Training workdir.", flag_values=f)
+    flags.DEFINE_string(
+        "export", None, "An apd.export directory instead of --workdir.", flag_values=f
+    )
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).", flag_values=f)
+    flags.DEFINE_string("plan", None, f"One of {', '.join(PLANS)}.", flag_values=f)
+    flags.DEFINE_string("out", None, "Output directory.", flag_values=f)
+    flags.DEFINE_integer("num", d.num, "Number of samples.", flag_values=f)
+    flags.DEFINE_integer("batch", d.batch, "Samples per network call (chunk size).", flag_values=f)
+    flags.DEFINE_integer("steps", d.steps, "Sampling steps (adaptive: the most).", flag_values=f)
+    flags.DEFINE_float("eta", None, "DDIM eta (default 0.25; repaint 1).", flag_values=f)
+    flags.DEFINE_float("cfg_scale", d.cfg_scale, "Classifier-free guidance scale.", flag_values=f)
+    flags.DEFINE_float("input_guidance", d.input_guidance, "Input guidance scale.", flag_values=f)
+    flags.DEFINE_string("labels", d.labels, "auto|random|data|null|ids like 0,1,2.", flag_values=f)
+    flags.DEFINE_integer("seed", d.seed, "Seed of noise, labels, masks, orders.", flag_values=f)
+    flags.DEFINE_string("split", d.split, "Dataset split of input images.", flag_values=f)
+    flags.DEFINE_string("mask", None, f"{'|'.join(MASKS)}|FILE.npy (1 = known).", flag_values=f)
+    flags.DEFINE_string("strength", d.strength, "Edit strength: linear|FILE.npy.", flag_values=f)
+    flags.DEFINE_integer("patches", d.patches, "Autoregressive: patches per side.", flag_values=f)
+    flags.DEFINE_integer("steps_per_group", d.steps_per_group, "Autoregressive.", flag_values=f)
+    flags.DEFINE_string("order", d.order, "Autoregressive: raster|random.", flag_values=f)
+    flags.DEFINE_integer("overlap", d.overlap, "Autoregressive window overlap.", flag_values=f)
+    flags.DEFINE_integer(
+        "min_steps", None, "Adaptive: fewest steps (default 2 steps/5).", flag_values=f
+    )
+    flags.DEFINE_string("align", d.align, "Adaptive: end|start.", flag_values=f)
+    flags.DEFINE_float(
+        "difficulty_low", None, "Adaptive: log error of difficulty 0.", flag_values=f
+    )
+    flags.DEFINE_float(
+        "difficulty_high", None, "Adaptive: log error of difficulty 1.", flag_values=f
+    )
+    flags.DEFINE_integer("jump", d.jump, "RePaint jump length j.", flag_values=f)
+    flags.DEFINE_integer("resample", d.resample, "RePaint resampling r.", flag_values=f)
+    flags.mark_flags_as_required(["plan", "out"], flag_values=f)
+    flags.mark_flags_as_mutual_exclusive(["workdir", "export"], required=True, flag_values=f)
+
+
+_define_flags()
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: options, images, labels, masks, strength maps
+# ---------------------------------------------------------------------------------------------
+
+
+def check_options(options: Options) -> None:
+    """Raises ValueError for a bad option before anything is loaded."""
+    checks.check_choice("plan", options.plan, PLANS)
+    if not options.out:
+        raise ValueError("--out (the output directory) is required.")
+    for what in ("num", "batch", "steps", "patches", "steps_per_group", "jump", "resample"):
+        value = getattr(options, what)
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"--{what} must be an integer >= 1; got {value!r}.")
+    if options.mask is not None and not options.mask.endswith(".npy"):
+        checks.check_choice("mask", options.mask, MASKS)
+    if options.strength != "linear" and not options.strength.endswith(".npy"):
+        raise ValueError(f"--strength must be 'linear' or a FILE.npy; got {options.strength!r}.")
+    checks.check_choice("autoregressive order", options.order, plans.ORDERS)
+    checks.check_choice("adaptive align", options.align, plans.ALIGNS)
+    if (options.difficulty_low is None) != (options.difficulty_high is None):
+        raise ValueError(
+            "--difficulty_low and --difficulty_high go together (an absolute log-error range); "
+            f"got {options.difficulty_low!r} and {options.difficulty_high!r}."
+        )
+    if options.min_steps is not None and not 1 <= options.min_steps <= options.steps:
+        raise ValueError(
+            f"--min_steps must lie in [1, --steps={options.steps}]; got {options.min_steps!r}."
+        )
+    if options.plan == "repaint" and (options.cfg_scale or options.input_guidance):
+        raise ValueError(
+            "the repaint baseline takes no guidance; got --cfg_scale="
+            f"{options.cfg_scale!r}, --input_guidance={options.input_guidance!r}."
+        )
+    if options.labels not in LABEL_MODES:
+        _parse_ids(options.labels)
+
+
+def _parse_ids(spec: str) -> list[int]:
+    try:
+        ids = [int(s) for s in spec.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"--labels must be one of {LABEL_MODES} or class ids such as '3' or '0,1,2'; got "
+            f"{spec!r}."
+        ) from None
+    return ids
+
+
+def resolve_labels(
+    spec: str, num_classes: int, num: int, data_labels: np.ndarray | None, seed: int
+) -> np.ndarray | None:
+    """Labels int32 [num] for a class-conditional model (num_classes = null), or None."""
+    if num_classes == 0:
+        if spec not in ("auto", "null"):
+            raise ValueError(f"the model is unconditional: --labels={spec!r} cannot be used.")
+        return None
+    if spec == "auto":
+        spec = "data" if data_labels is not None else "random"
+    if spec == "data":
+        if data_labels is None:
+            raise ValueError("--labels=data needs input images (plans inpaint, edit, repaint).")
+        return data_labels.astype(np.int32)
+    if spec == "random":
+        return np.random.default_rng(seed).integers(0, num_classes, num).astype(np.int32)
+    if spec == "null":
+        return np.full(num, num_classes, np.int32)
+    ids = np.asarray(_parse_ids(spec), np.int32)
+    if ids.min() < 0 or ids.max() > num_classes:
+        raise ValueError(
+            f"--labels ids must lie in [0, {num_classes}] ({num_classes} = null); got {spec!r}."
+        )
+    return np.resize(ids, num)
+
+
+def load_inputs(run: runs.Run, split: str, num: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `num` images of the run's dataset split: (float32 [num, H, W, C] in [-1, 1],
+    labels int32 [num])."""
+    cfg = run.config.data
+    source = data_lib.get_source(cfg.name, split, data_dir=cfg.data_dir, path=cfg.path)
+    if len(source) < num:
+        raise ValueError(f"--num={num} exceeds the {len(source)} images of split {split!r}.")
+    dataset = data_lib.make_eval_dataset(
+        source,
+        global_batch_size=num,
+        num_examples=num,
+        image_size=cfg.image_size,
+        process_index=0,
+        process_count=1,
+    )
+    batch = dataset[0]
+    return batch["image"], batch["label"]
+
+
+def _from_file(path: str, what: str, num: int, grid: tuple[int, int]) -> np.ndarray:
+    """[H, W], [1, H, W] or [num, H, W] from a .npy file -> float32 [num, H, W]."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--{what} file {path} does not exist.")
+    arr = np.load(path).astype(np.float32)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or arr.shape[1:] != grid or arr.shape[0] not in (1, num):
+        raise ValueError(
+            f"--{what} file {path} holds shape {arr.shape}; expected [H, W] = {grid}, "
+            f"[1, H, W] or [N, H, W] with N = --num = {num}."
+        )
+    return np.broadcast_to(arr, (num, *grid)).copy()
+
+
+def make_masks(spec: str, num: int, grid: tuple[int, int], seed: int) -> np.ndarray:
+    """Inpainting masks uint8 [num, H, W], 1 = known (see the module docstring)."""
+    H, W = grid
+    if spec.endswith(".npy"):
+        masks = _from_file(spec, "mask", num, grid)
+        if not np.isin(masks, (0.0, 1.0)).all():
+            raise ValueError(f"--mask file {spec} must hold only 0 (generate) and 1 (known).")
+        return masks.astype(np.uint8)
+    checks.check_choice("mask", spec, MASKS)
+    rows, cols = np.arange(H)[:, None], np.arange(W)[None, :]
+    if spec == "half":
+        known = np.broadcast_to(cols < W // 2, grid)
+    elif spec == "top":
+        known = np.broadcast_to(rows < H // 2, grid)
+    elif spec == "square":
+        inside = (abs(2 * rows - (H - 1)) < H // 2) & (abs(2 * cols - (W - 1)) < W // 2)
+        known = ~inside
+    else:  # patches
+        cells = np.random.default_rng(seed).random((num, _PATCH_CELLS, _PATCH_CELLS)) < 0.5
+        cell_rows = (np.arange(H) * _PATCH_CELLS) // H
+        cell_cols = (np.arange(W) * _PATCH_CELLS) // W
+        return (~cells[:, cell_rows][:, :, cell_cols]).astype(np.uint8)
+    return np.broadcast_to(known, (num, *grid)).astype(np.uint8)
+
+
+def make_strength(spec: str, num: int, grid: tuple[int, int]) -> np.ndarray:
+    """Edit strength maps float32 [num, H, W] in [0, 1]."""
+    if spec.endswith(".npy"):
+        strength = _from_file(spec, "strength", num, grid)
+        checks.check_levels(strength, f"--strength file {spec}")
+        return strength
+    ramp = np.linspace(0.0, 1.0, grid[1], dtype=np.float32)
+    return np.broadcast_to(ramp[None, None, :], (num, *grid)).copy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def _pad(arr: np.ndarray | None, size: int) -> np.ndarray | None:
+    """Pads axis 0 to `size` by repeating the last row (a full last chunk: one compilation)."""
+    if arr is None or arr.shape[0] == size:
+        return arr
+    return np.concatenate([arr, np.repeat(arr[-1:], size - arr.shape[0], axis=0)])
+
+
+def _steps_per_pixel(plan: plans.Plan) -> np.ndarray:
+    """[B, *tokens] int32: the steps in which each token's level falls (its network calls)."""
+    lv = np.broadcast_to(np.asarray(plan.levels), (plan.levels.shape[0], *plan.shape))
+    return np.sum(lv[1:] < lv[:-1], axis=0).astype(np.int32)
+
+
+class _Sampler:
+    """Samples chunks of a fixed size with one compiled program per plan shape."""
+
+    def __init__(self, run: runs.Run, options: Options, eta: float):
+        self.run = run
+        self.options = options
+        self.head = runs.load_uncertainty(run) if options.plan == "adaptive" else None
+        if self.head is not None:
+            self.predict = jax.jit(runs.log_error_fn(run.model, self.head.head))
+        if options.plan == "repaint":
+            self.repaint_fn = jax.jit(
+                lambda params, x_known, masks, key, labels: sampling.repaint(
+                    images.denoiser(run.model.apply, params),
+                    x_known,
+                    masks,
+                    key,
+                    schedule=run.schedule,
+                    steps=options.steps,
+                    jump_length=options.jump,
+                    resample=options.resample,
+                    prediction=run.prediction,
+                    eta=eta,
+                    labels=labels,
+                    num_classes=run.num_classes,
+                )
+            )
+        self.sample_fn = images.make_sample_fn(
+            run.model.apply,
+            schedule=run.schedule,
+            prediction=run.prediction,
+            channels=run.image_shape[-1],
+            eta=eta,
+            num_classes=run.num_classes,
+            cfg_scale=options.cfg_scale,
+            input_guidance=options.input_guidance,
+        )
+
+    def plan(
+        self,
+        key: Array,
+        batch: int,
+        noise: Array,
+        x_known: Array | None,
+        masks: np.ndarray | None,
+        strength: np.ndarray | None,
+        labels: Array | None,
+    ) -> tuple[plans.Plan, dict[str, np.ndarray]]:
+        """The chunk's plan and the per-sample arrays it adds to the output."""
+        o = self.options
+        grid = self.run.image_shape[:-1]
+        if o.plan == "synchronous":
+            return plans.synchronous(o.steps, batch, grid), {}
+        if o.plan == "inpaint":
+            return plans.inpaint(masks, o.steps), {}
+        if o.plan == "edit":
+            return plans.edit(strength, o.steps), {}
+        if o.plan == "autoregressive":
+            plan = plans.autoregressive(
+                grid, batch, o.patches, o.steps_per_group, order=o.order, overlap=o.overlap, key=key
+            )
+            return plan, {}
+        # adaptive: the head's prediction at the start state z0, the state `sample` starts from.
+        if masks is None:
+            start = jnp.ones((batch, *grid), jnp.float32)
+        else:
+            start = 1.0 - jnp.asarray(masks, jnp.float32)
+        x0 = jnp.zeros_like(noise) if x_known is None else x_known
+        z0 = sampling.noised(x0, start, noise, self.run.schedule)
+        log_error = self.predict(self.run.params, self.head.params, z0, start, labels)
+        difficulty = plans.difficulty_from_log_error(
+            log_error, start > 0, low=o.difficulty_low, high=o.difficulty_high
+        )
+        plan = plans.adaptive(lambda _: difficulty, (min_steps(o), o.steps), start, align=o.align)
+        extra = {"steps_per_pixel": _steps_per_pixel(plan), "log_error": np.asarray(log_error)}
+        return plan, extra
+
+    def __call__(
+        self,
+        key: Array,
+        batch: int,
+        x_known: np.ndarray | None,
+        masks: np.ndarray | None,
+        strength: np.ndarray | None,
+        labels: np.ndarray | None,
+    ) -> tuple[Array, dict[str, np.ndarray], sampling.Cost]:
+        """Samples one chunk of `batch`: (samples [batch, H, W, C], extras, network cost)."""
+        o = self.options
+        k_noise, k_plan, k_sample = jax.random.split(key, 3)
+        labels = None if labels is None else jnp.asarray(labels)
+        x_known = None if x_known is None else jnp.asarray(x_known)
+        if o.plan == "repaint":
+            x = self.repaint_fn(self.run.params, x_known, jnp.asarray(masks), k_sample, labels)
+            return x, {}, sampling.repaint_cost(batch, o.steps, o.jump, o.resample)
+        noise = jax.random.normal(k_noise, (batch, *self.run.image_shape), jnp.float32)
+        plan, extra = self.plan(k_plan, batch, noise, x_known, masks, strength, labels)
+        x = self.sample_fn(self.run.params, plan, k_sample, x_known, noise, labels)
+        cost = sampling.sample_cost(plan, cfg_scale=o.cfg_scale, input_guidance=o.input_guidance)
+        return x, extra, cost
+
+
+def min_steps(options: Options) -> int:
+    """The adaptive plan's fewest steps per pixel: --min_steps, default 2 * steps // 5."""
+    return max(1, 2 * options.steps // 5) if options.min_steps is None else options.min_steps
+
+
+def run(options: Options) -> dict:
+    """Samples as `options` says, writes the three output files; returns sample_info.json."""
+    t_start = time.perf_counter()
+    check_options(options)
+    loaded = runs.load(options.workdir, export_dir=options.export, step=options.step)
+    eta = options.eta if options.eta is not None else 1.0 if options.plan == "repaint" else 0.25
+    sampler = _Sampler(loaded, options, eta)  # fails here if adaptive has no head
+
+    # ----------------------------------------------------------------------------------------
+    # Per-sample inputs: images, masks, strength maps, labels.
+    # ----------------------------------------------------------------------------------------
+    num, grid = options.num, loaded.image_shape[:-1]
+    mask_spec = options.mask
+    if mask_spec is None and options.plan in ("inpaint", "repaint"):
+        mask_spec = "half"
+    masks = None if mask_spec is None else make_masks(mask_spec, num, grid, options.seed)
+    strength = make_strength(options.strength, num, grid) if options.plan == "edit" else None
+    inputs = data_labels = None
+    if options.plan in _WITH_INPUTS or masks is not None:
+        inputs, data_labels = load_inputs(loaded, options.split, num)
+    labels = resolve_labels(options.labels, loaded.num_classes, num, data_labels, options.seed)
+
+    # ----------------------------------------------------------------------------------------
+    # Sampling in chunks of --batch (the last one padded), one key per chunk.
+    # ----------------------------------------------------------------------------------------
+    batch = min(options.batch, num)
+    key = jax.random.key(options.seed)
+    outputs, extras, costs = [], [], []
+    for i in range(math.ceil(num / batch)):
+        part = slice(i * batch, min((i + 1) * batch, num))
+        n = part.stop - part.start
+        chunk = [None if a is None else _pad(a[part], batch) for a in (inputs, masks, strength)]
+        x, extra, cost = sampler(
+            jax.random.fold_in(key, i),
+            batch,
+            *chunk,
+            _pad(None if labels is None else labels[part], batch),
+        )
+        outputs.append(np.asarray(x)[:n])
+        extras.append({k: v[:n] for k, v in extra.items()})
+        costs.append(cost)
+        logging.info(
+            "Sampled %d/%d (%d network calls per chunk).", part.stop, num, cost.network_calls
+        )
+    samples = np.concatenate(outputs)
+
+    # ----------------------------------------------------------------------------------------
+    # Output: samples.npz, samples.png, sample_info.json.
+    # ----------------------------------------------------------------------------------------
+    arrays: dict[str, np.ndarray] = {
+        "samples": images.to_uint8(samples),
+        "samples_float": samples.astype(np.float32),
+    }
+    if labels is not None:
+        arrays["labels"] = labels
+    if inputs is not None:
+        arrays["inputs"] = images.to_uint8(inputs)
+        arrays["inputs_float"] = inputs
+    if masks is not None:
+        arrays["masks"] = masks
+    if strength is not None:
+        arrays["strength"] = strength
+    for name in extras[0]:
+        arrays[name] = np.concatenate([e[name] for e in extras])
+    os.makedirs(options.out, exist_ok=True)
+    np.savez_compressed(os.path.join(options.out, "samples.npz"), **arrays)
+    _write_png(os.path.join(options.out, "samples.png"), options, arrays)
+
+    info = _info(options, loaded, eta, costs, arrays, time.perf_counter() - t_start)
+    with open(os.path.join(options.out, "sample_info.json"), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2, sort_keys=True)
+    return info
+
+
+def _write_png(path: str, options: Options, arrays: dict[str, np.ndarray]) -> None:
+    """The samples, with their inputs and maps beside them where the plan has them."""
+    panels = []
+    if "masks" in arrays:
+        panels.append(images.masked_input_image(arrays["inputs"], arrays["masks"] == 1))
+    elif "inputs" in arrays:
+        panels.append(arrays["inputs"])
+    if "strength" in arrays:
+        panels.append(images.level_map_image(arrays["strength"]))
+    if "steps_per_pixel" in arrays:
+        panels.append(images.level_map_image(arrays["steps_per_pixel"] / options.steps))
+    tiles = images.side_by_side(*panels, arrays["samples"]) if panels else arrays["samples"]
+    columns = max(1, round(math.sqrt(len(tiles) / (len(panels) + 1))))
+    images.write_png(path, images.grid(tiles, columns))
+
+
+def _info(
+    options: Options,
+    loaded: runs.Run,
+    eta: float,
+    costs: list[sampling.Cost],
+    arrays: dict[str, np.ndarray],
+    seconds: float,
+) -> dict[str, Any]:
+    plan_options = {
+        "inpaint": ("mask",),
+        "edit": ("strength",),
+        "autoregressive": ("patches", "steps_per_group", "order", "overlap"),
+        "adaptive": ("mask", "min_steps", "align", "difficulty_low", "difficulty_high"),
+        "repaint": ("mask", "jump", "resample"),
+    }.get(options.plan, ())
+    plan = {name: getattr(options, name) for name in plan_options}
+    if options.plan in ("inpaint", "repaint") and plan["mask"] is None:
+        plan["mask"] = "half"
+    if options.plan == "adaptive":
+        plan["min_steps"] = min_steps(options)
+    calls = [c.network_calls for c in costs]
+    info = {
+        "source": {
+            "workdir" if options.workdir is not None else "export": loaded.directory,
+            "checkpoint_step": loaded.step,
+            "params": "ema_params",
+            "model": loaded.description["model"],
+            "schedule": loaded.config.diffusion.schedule,
+            "shift": loaded.config.diffusion.shift,
+            "prediction": loaded.prediction,
+        },
+        "plan": options.plan,
+        "plan_options": plan,
+        "steps": max(calls),  # network calls per chunk: the plan's steps (RePaint: steps down)
+        "requested_steps": options.steps,
+        "eta": eta,
+        "cfg_scale": options.cfg_scale,
+        "input_guidance": options.input_guidance,
+        "labels": options.labels,
+        "num": options.num,
+        "batch": min(options.batch, options.num),
+        "seed": options.seed,
+        "split": options.split if "inputs" in arrays else None,
+        "network_calls": {
+            "per_chunk": calls,
+            "total": sum(calls),
+            "evaluations_total": sum(c.evaluations for c in costs),
+            "samples_per_call": costs[0].batch_per_call,
+        },
+        "seconds": seconds,
+    }
+    if options.plan == "adaptive":
+        sync = sampling.sample_cost(
+            plans.synchronous(options.steps, 1, (1,)),
+            cfg_scale=options.cfg_scale,
+            input_guidance=options.input_guidance,
+        )
+        steps = arrays["steps_per_pixel"]
+        generated = steps[steps > 0]
+        info["synchronous_network_calls"] = sync.network_calls * len(costs)
+        info["mean_steps_per_pixel"] = float(generated.mean()) if generated.size else 0.0
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """Parses this binary's flags (then absl's own, e.g. --v); returns the leftover arguments.
+
+    The flags live in their own `FlagValues`, so several apd binaries can be imported into one
+    process (tests, notebooks); each call starts from the defaults.
+    """
+    if any(arg in ("-h", "--help", "--helpshort", "--helpfull") for arg in argv[1:]):
+        print(__doc__)
+        print(_FLAGS.get_help())
+        sys.exit(0)
+    _FLAGS.unparse_flags()
+    try:
+        rest = _FLAGS(list(argv), known_only=True)
+        return flags.FLAGS(rest)
+    except flags.Error as err:
+        sys.exit(f"apd.sample: error: {err} (see --help)")
+
+
+def options_from_flags() -> Options:
+    return Options(**{f.name: _FLAGS[f.name].value for f in dataclasses.fields(Options)})
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(runs.quiet_orbax)
+    options = options_from_flags()
+    try:
+        info = run(options)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"apd.sample: error: {err}")
+    calls = info["network_calls"]
+    line = (
+        f"{info['num']} samples ({info['plan']}, checkpoint step "
+        f"{info['source']['checkpoint_step']}) in {options.out}: {calls['total']} network "
+        f"calls ({info['steps']} per chunk of {info['batch']})"
+    )
+    if "synchronous_network_calls" in info:
+        line += (
+            f"; the synchronous plan with {options.steps} steps takes "
+            f"{info['synchronous_network_calls']}; mean {info['mean_steps_per_pixel']:.1f} steps "
+            "per generated pixel"
+        )
+    print(line)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)
