@@ -16,4 +16,4 @@ export XLA_FLAGS="--xla_force_host_platform_device_count=8 ${XLA_FLAGS:-}"
 export JAX_NUMPY_RANK_PROMOTION=raise
 export JAX_PLATFORMS=cpu
 export TF_CPP_MIN_LOG_LEVEL=3
-exec "$VENV/bin/python" -m pytest -n "${APD_TEST_WORKERS:-2}" --durations=15 "$@"
+exec "$VENV/bin/python" -m pytest -n "${APD_TEST_WORKERS:-2}" --dist loadfile --durations=15 "$@"

@@ -1,0 +1,230 @@
+"""Layers shared by the backbones: matmuls and convolutions with a selectable operand precision,
+multi-head attention, group normalisation.
+
+Precision: parameters are float32. `dtype` is the operand dtype of matmuls and convolutions
+(float32 or bfloat16); they always accumulate and return float32
+(`preferred_element_type=float32`), so normalisation, modulation, residual sums and outputs stay
+float32 whatever `dtype` is. Matmuls use `matmul`, whose backward pass also multiplies in `dtype`
+(autodiff of a bf16 forward would multiply the float32 cotangents in float32, losing most of the
+bf16 speed-up, since two of a training step's three matmuls are in the backward pass).
+"""
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+Initializer = Callable[..., Array]
+
+zeros = nn.initializers.zeros
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+def _dot(a: Array, b: Array, contract: tuple[int, int], dtype: Dtype) -> Array:
+    """dot_general over the leading batch axes, contracting axis contract[0] of a (-1 or -2)
+    with axis contract[1] of b, operands in dtype, float32 accumulation and output."""
+    batch = tuple(range(a.ndim - 2))
+    dims = (((a.ndim + contract[0],), (b.ndim + contract[1],)), (batch, batch))
+    return jax.lax.dot_general(
+        a.astype(dtype), b.astype(dtype), dims, preferred_element_type=jnp.float32
+    )
+
+
+def _dot_tn(a: Array, b: Array, dtype: Dtype) -> Array:
+    """a^T b: a [..., K, M], b [..., K, N] -> [..., M, N], float32 accumulation and output.
+
+    XLA:CPU multiplies bf16 operands contracted over their leading (non-batch) axis about half as
+    fast as the other layouts; written as a contraction over two axes (K and a unit axis) it takes
+    the fast path (measured 150 -> 310-370 GFLOP/s for the weight gradients of a DiT-S block).
+    float32 is fast either way, and slower with the unit axis (it adds a transposing copy).
+    """
+    if dtype == jnp.float32:
+        return _dot(a, b, (-2, -2), dtype)
+    batch = tuple(range(a.ndim - 2))
+    k = a.ndim - 2
+    dims = (((k, k + 1), (k, k + 1)), (batch, batch))
+    a, b = (x.astype(dtype)[..., None, :, :] for x in (a, b))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(a: Array, b: Array, dtype: Dtype) -> Array:
+    return _dot(a, b, (-1, -2), dtype)
+
+
+def _matmul_fwd(a: Array, b: Array, dtype: Dtype):
+    a, b = a.astype(dtype), b.astype(dtype)
+    return _dot(a, b, (-1, -2), dtype), (a, b)
+
+
+def _matmul_bwd(dtype: Dtype, res, g: Array):
+    a, b = res
+    g = g.astype(dtype)
+    return _dot(g, b, (-1, -1), dtype), _dot_tn(a, g, dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(a: Array, b: Array, dtype: Dtype = jnp.float32) -> Array:
+    """a [..., M, K] @ b [..., K, N] -> [..., M, N] float32, operands in `dtype` in both passes.
+
+    a and b have the same leading batch axes. Inputs are taken as float32; products accumulate
+    in float32.
+    """
+    return _matmul(a.astype(jnp.float32), b.astype(jnp.float32), jnp.dtype(dtype))
+
+
+def to_rank(v: Array, ndim: int) -> Array:
+    """Prepends size-1 axes so `v` broadcasts against an array of rank `ndim` (rank promotion is
+    strict in apd's tests)."""
+    return v.reshape((1,) * (ndim - v.ndim) + v.shape)
+
+
+class Dense(nn.Module):
+    """y = x @ kernel + bias over the last axis; float32 accumulation and output.
+
+    Attributes:
+      features: output width.
+      use_bias: add a learned bias.
+      dtype: operand dtype of the matmul (float32 or bfloat16).
+      kernel_init: initialiser of the [in, features] kernel.
+    """
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    kernel_init: Initializer = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        y = matmul(x.reshape(-1, x.shape[-1]), kernel, self.dtype)
+        y = y.reshape(*x.shape[:-1], self.features)
+        if self.use_bias:
+            y = y + to_rank(self.param("bias", zeros, (self.features,), jnp.float32), y.ndim)
+        return y
+
+
+def conv_as_matmul(x: Array, kernel: Array, dtype: Dtype) -> Array:
+    """Stride-1 'SAME' convolution with an odd k x k kernel computed by one `matmul`.
+
+    Each pixel's k horizontal taps are concatenated along channels ([B, H, W, kC]) and multiplied
+    by the kernel arranged [kC, k * C_out]: the result holds each input row's contribution to
+    the k output rows around it, which are summed with row shifts. XLA:CPU's bf16 convolution
+    is no faster than float32, while its bf16 matmul (both passes, see `matmul`) is about twice
+    as fast: a 3x3 conv at 32x32x256 and 16x16x384 ran forward+backward at 260-300 instead of
+    155-185 GFLOP/s (at 64x64x128 on par).
+
+    Args:
+      x: [B, H, W, C] float32.
+      kernel: [k, k, C, C_out] float32, k odd.
+      dtype: operand dtype of the matmul.
+    Returns:
+      [B, H, W, C_out] float32.
+    """
+    B, H, W, C = x.shape
+    k, out = kernel.shape[0], kernel.shape[-1]
+    p = k // 2
+    padded = jnp.pad(x, ((0, 0), (0, 0), (p, p), (0, 0)))
+    taps = jnp.concatenate([padded[:, :, j : j + W] for j in range(k)], axis=-1)
+    weights = kernel.transpose(1, 2, 0, 3).reshape(k * C, k * out)  # [(j, c), (i, o)]
+    rows = matmul(taps.reshape(-1, k * C), weights, dtype).reshape(B, H, W, k, out)
+    rows = jnp.pad(rows, ((0, 0), (p, p), (0, 0), (0, 0), (0, 0)))
+    return sum(rows[:, i : i + H, :, i] for i in range(k))
+
+
+class Conv(nn.Module):
+    """2-D convolution, NHWC, 'SAME' padding; float32 accumulation and output.
+
+    With bfloat16 operands, stride-1 convolutions run as a matmul (`conv_as_matmul`).
+
+    Attributes:
+      features: output channels.
+      kernel_size: square kernel side.
+      strides: stride along both spatial axes.
+      dtype: operand dtype (float32 or bfloat16).
+      kernel_init: initialiser of the [k, k, in, features] kernel.
+    """
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    dtype: Dtype = jnp.float32
+    kernel_init: Initializer = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        k = self.kernel_size
+        kernel = self.param(
+            "kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32
+        )
+        if self.strides == 1 and k % 2 and jnp.dtype(self.dtype) == jnp.bfloat16:
+            y = conv_as_matmul(x, kernel, self.dtype)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x.astype(self.dtype),
+                kernel.astype(self.dtype),
+                window_strides=(self.strides, self.strides),
+                padding="SAME",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                preferred_element_type=jnp.float32,
+            )
+        return y + to_rank(self.param("bias", zeros, (self.features,), jnp.float32), 4)
+
+
+def group_norm(num_channels: int, groups: int, affine: bool = True) -> nn.GroupNorm:
+    """float32 GroupNorm with gcd(groups, channels) groups, so any channel count works."""
+    return nn.GroupNorm(
+        num_groups=math.gcd(groups, num_channels),
+        epsilon=1e-5,
+        use_scale=affine,
+        use_bias=affine,
+        dtype=jnp.float32,
+    )
+
+
+def attention(q: Array, k: Array, v: Array, dtype: Dtype) -> Array:
+    """Softmax attention, batched matmuls in (B, heads, N, head_dim) layout.
+
+    Args:
+      q, k, v: [B, N, heads, head_dim] float32.
+      dtype: operand dtype of the two matmuls; logits, softmax and output are float32.
+    Returns:
+      [B, N, heads, head_dim] float32.
+    """
+    scale = q.shape[-1] ** -0.5
+    q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q * scale, k, v))
+    logits = matmul(q, jnp.swapaxes(k, -1, -2), dtype)
+    out = matmul(jax.nn.softmax(logits, axis=-1), v, dtype)
+    return jnp.swapaxes(out, 1, 2)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over a token axis: [B, N, D] -> [B, N, D].
+
+    Attributes:
+      num_heads: number of heads (D must be divisible by it).
+      dtype: operand dtype of the matmuls.
+      out_init: initialiser of the output projection (zeros in the U-Net's residual branch).
+    """
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    out_init: Initializer = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        B, N, D = x.shape
+        if D % self.num_heads:
+            raise ValueError(f"width {D} is not divisible by num_heads={self.num_heads}.")
+        qkv = Dense(3 * D, dtype=self.dtype, name="qkv")(x)
+        q, k, v = jnp.split(qkv.reshape(B, N, 3, self.num_heads, D // self.num_heads), 3, axis=2)
+        out = attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.dtype).reshape(B, N, D)
+        return Dense(D, dtype=self.dtype, kernel_init=self.out_init, name="out")(out)

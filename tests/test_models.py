@@ -1,0 +1,394 @@
+"""Backbones: shapes and sizes, per-token conditioning, labels, sharded training, precision."""
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from apd import losses, models, schedules
+from apd.models import conditioning, partitioning
+from apd.models.dit import DiT, patchify, unpatchify
+from apd.models.unet import FiLM, UNet
+
+KEY = jax.random.key(0)
+# The tests' programs are tiny: XLA's backend optimisations only lengthen their compilation.
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+TINY = {"unet": ("unet-tiny", (16, 16, 3)), "dit": ("dit-tiny", (16, 16, 3))}
+
+
+def image_shape_for(name: str) -> tuple[int, int, int]:
+    if "tiny" in name:
+        return (16, 16, 3)
+    if name == "unet-small":
+        return (28, 28, 1)
+    return (64, 64, 3) if name.startswith("unet") else (32, 32, 4)
+
+
+@functools.cache
+def abstract(name: str):
+    return models.abstract_params(models.build(name), image_shape_for(name))
+
+
+def random_params(module, seed: int, *args):
+    """Random parameters for `module` without compiling its initialisers (slow on 2 cores):
+    kernels normal / sqrt(fan-in), norm scales near 1 and everything else near 0, so
+    zero-initialised outputs and gates are live."""
+    shapes = jax.eval_shape(lambda: module.init(KEY, *args)["params"])
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        x = rng.standard_normal(leaf.shape).astype(np.float32)
+        if path[-1].key in ("kernel", "embedding"):
+            return x / np.sqrt(np.prod(leaf.shape[:-1]))
+        return 0.05 * x + (1.0 if path[-1].key == "scale" else 0.0)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@functools.cache
+def tiny(kind: str, **overrides):
+    name, (H, W, C) = TINY[kind]
+    model = models.build(name, **overrides)
+    z = jax.random.normal(KEY, (4, H, W, C))
+    levels = jax.random.uniform(jax.random.key(1), (4, H, W))
+    return model, random_params(model, 2, z, levels, None), z, levels
+
+
+@functools.cache
+def _jitted(model, method=None, **static):
+    def run(params, *args):
+        return model.apply({"params": params}, *args, method=method, **static)
+
+    return jit(run)
+
+
+def predict(model, params, *args, method=None, **static):
+    """model.apply under jit (the eager input checks are tested with plain model.apply)."""
+    return _jitted(model, method, **static)(params, *args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes
+
+
+@pytest.mark.parametrize("name", list(models.SIZES))
+def test_named_sizes_give_shapes_of_z(name):
+    H, W, C = image_shape_for(name)
+    model = models.build(name)
+    params = abstract(name)
+    z = jax.ShapeDtypeStruct((2, H, W, C), jnp.float32)
+    levels = jax.ShapeDtypeStruct((2, H, W), jnp.float32)
+    out, features = jax.eval_shape(
+        lambda p, z, lv: model.apply({"params": p}, z, lv, None, return_features=True),
+        params,
+        z,
+        levels,
+    )
+    assert out.shape == (2, H, W, C) and out.dtype == jnp.float32
+    if isinstance(model, UNet):
+        assert features.shape == (2, H, W, model.base)
+    else:
+        assert features.shape == (2, H // model.patch, W // model.patch, model.width)
+
+
+@pytest.mark.parametrize(("name", "target"), [("unet-60m", 60e6), ("unet-620m", 620e6)])
+def test_unet_parameter_counts_match_the_paper(name, target):
+    count = sum(leaf.size for leaf in jax.tree.leaves(abstract(name)))
+    assert count == models.param_count(name, (64, 64, 3))
+    assert abs(count - target) / target < 0.10, count
+
+
+def test_small_sizes_are_small():
+    assert 0.05e6 < models.param_count("unet-tiny", (16, 16, 3)) < 0.2e6
+    assert 1e6 < models.param_count("unet-small", (28, 28, 1)) < 3e6
+
+
+def test_build_rejects_unknown_names_and_attributes():
+    with pytest.raises(ValueError, match="unet-huge"):
+        models.build("unet-huge")
+    with pytest.raises(ValueError, match="widht"):
+        models.build("dit-s/2", widht=3)
+    assert models.build("dit-s/2", num_classes=10).num_classes == 10
+
+
+def test_image_size_not_divisible_raises():
+    model = models.build("unet-small")
+    z, levels = jnp.zeros((1, 30, 30, 1)), jnp.zeros((1, 30, 30))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        jax.eval_shape(model.init, KEY, z, levels, None)
+    with pytest.raises(ValueError, match="patch size 4"):
+        jax.eval_shape(models.build("dit-s/4").init, KEY, jnp.zeros((1, 30, 30, 3)), levels, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditioning helpers
+
+
+def test_interpolate_is_exact_at_nodes_and_linear_between():
+    K, F = 9, 3
+    slope = jnp.array([1.0, -2.0, 0.5])
+    table = jnp.broadcast_to(jnp.linspace(0, 1, K)[:, None] * slope[None], (2, K, F))
+    levels = jax.random.uniform(KEY, (2, 5, 7))
+    out = jit(conditioning.interpolate)(table, levels)
+    np.testing.assert_allclose(out, levels[..., None] * slope.reshape(1, 1, 1, F), atol=1e-6)
+    curved = jnp.square(table)
+    nodes = jnp.linspace(0, 1, K).reshape(1, K, 1)
+    np.testing.assert_allclose(
+        jit(conditioning.interpolate)(curved, jnp.broadcast_to(nodes, (2, K, 1)))[:, :, 0],
+        curved,
+    )
+
+
+def test_pool_levels_averages_patches_and_keeps_size_one_axes():
+    levels = np.random.default_rng(0).uniform(size=(2, 8, 12)).astype(np.float32)
+    pooled = jit(conditioning.pool_levels, static_argnums=1)(levels, (2, 3))
+    np.testing.assert_allclose(pooled[1, 1, 2], levels[1, 4:8, 8:12].mean(), rtol=1e-6)
+    assert conditioning.pool_levels(levels[:, :1, :1], (2, 3)).shape == (2, 1, 1)
+
+
+def test_patchify_round_trip():
+    x = jax.random.normal(KEY, (2, 8, 12, 3))
+    tokens = patchify(x, 4)
+    assert tokens.shape == (2, 6, 48)
+    np.testing.assert_array_equal(tokens[0, 1].reshape(4, 4, 3), x[0, :4, 4:8])
+    np.testing.assert_array_equal(unpatchify(tokens, 4, (2, 3)), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-token conditioning
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_constant_map_equals_per_sample_level(kind):
+    model, params, z, _ = tiny(kind, num_classes=3)
+    t = jnp.array([0.0, 0.3, 0.77, 1.0])
+    labels = jnp.array([0, 1, 2, 3])
+    per_sample = predict(model, params, z, t[:, None, None], labels)
+    per_token = predict(model, params, z, jnp.broadcast_to(t[:, None, None], z.shape[:3]), labels)
+    np.testing.assert_allclose(per_token, per_sample, atol=1e-5, rtol=1e-5)
+    other = predict(model, params, z, 1.0 - t[:, None, None], labels)
+    assert float(jnp.max(jnp.abs(other - per_sample))) > 1e-3  # the level is used at all
+
+
+def test_unet_modulation_changes_only_where_the_map_changed():
+    model, params, z, levels = tiny("unet")
+    raised = levels.at[1, 4:8, 8:12].set(0.99)  # aligned with the 2x-pooled grid
+    inside = np.zeros(levels.shape, bool)
+    inside[1, 4:8, 8:12] = True
+
+    @jit
+    def films(lv):
+        _, state = model.apply(
+            {"params": params},
+            z,
+            lv,
+            None,
+            capture_intermediates=lambda mdl, _: isinstance(mdl, FiLM),
+        )
+        return jax.tree.leaves(state["intermediates"])
+
+    before, after = films(levels), films(raised)
+    assert len(before) == 2 * 8  # (scale, shift) of every ResBlock
+    for old, new in zip(before, after, strict=True):
+        f = levels.shape[1] // old.shape[1]
+        where = inside[:, ::f, ::f]
+        changed = np.asarray(jnp.max(jnp.abs(new - old), axis=-1))
+        assert changed[~where].max() == 0.0
+        assert changed[where].min() > 0.0
+    conds = predict(model, params, raised, None, method=UNet.conditioning, image_shape=(16, 16))
+    assert [c.shape for c in conds] == [(4, 16, 16, 8), (4, 8, 8, 8)]
+
+
+def test_dit_modulation_changes_only_the_tokens_that_changed():
+    model, params, _, levels = tiny("dit")
+    raised = levels.at[2, 5, 9].set(1.0)  # one pixel, inside token (2, 4) of the 8x8 grid
+
+    def modulation(lv):
+        blocks, final = predict(
+            model, params, lv, None, method=DiT.modulation_features, image_shape=(16, 16)
+        )
+        return (jnp.concatenate(m, axis=-1).reshape(4, 8, 8, -1) for m in (blocks, final))
+
+    for old, new in zip(modulation(levels), modulation(raised), strict=True):
+        changed = np.array(jnp.max(jnp.abs(new - old), axis=-1))
+        assert changed[2, 2, 4] > 0.0
+        changed[2, 2, 4] = 0.0
+        assert changed.max() == 0.0
+
+
+def test_dit_blocks_start_as_identity():
+    model, _, z, levels = tiny("dit")
+    params = jit(lambda: model.init(KEY, z, levels, None)["params"])()
+    for block in (params[f"DiTBlock_{i}"] for i in range(model.depth)):
+        np.testing.assert_array_equal(block["table"][jnp.array([2, 5])], 0.0)  # gates
+        assert float(jnp.std(block["table"][jnp.array([0, 1, 3, 4])])) > 0.0
+    np.testing.assert_array_equal(params["shared_modulation"]["kernel"], 0.0)
+    np.testing.assert_array_equal(predict(model, params, z, levels, None), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels and input checks
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_null_label_path(kind):
+    model, params, z, levels = tiny(kind, num_classes=3)
+    null = predict(model, params, z, levels, None)
+    explicit = predict(model, params, z, levels, jnp.full((4,), 3, jnp.int32))
+    np.testing.assert_array_equal(null, explicit)
+    real = predict(model, params, z, levels, jnp.zeros((4,), jnp.int32))
+    assert float(jnp.max(jnp.abs(real - null))) > 1e-4
+    for bad in (-1, 4):
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\]"):
+            model.apply({"params": params}, z, levels, jnp.full((4,), bad, jnp.int32))
+    with pytest.raises(ValueError, match="integer array of shape"):
+        model.apply({"params": params}, z, levels, jnp.zeros((4,), jnp.float32))
+
+
+def test_unconditional_model_accepts_only_the_null_label():
+    model, params, z, levels = tiny("unet")
+    np.testing.assert_array_equal(
+        predict(model, params, z, levels, jnp.zeros((4,), jnp.int32)),
+        predict(model, params, z, levels, None),
+    )
+    with pytest.raises(ValueError, match=r"\[0, 0\]"):
+        model.apply({"params": params}, z, levels, jnp.ones((4,), jnp.int32))
+
+
+def test_bad_levels_raise():
+    model, params, z, levels = tiny("dit")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        model.apply({"params": params}, z, levels.at[0, 0, 0].set(1.5), None)
+    with pytest.raises(ValueError, match="do not match"):
+        model.apply({"params": params}, z, levels[:, :8], None)
+
+
+def test_dropout_only_in_training():
+    model, params, z, levels = tiny("dit", dropout=0.5)
+    inference = predict(model, params, z, levels, None)
+
+    @jit
+    def train(key):
+        return model.apply({"params": params}, z, levels, None, train=True, rngs={"dropout": key})
+
+    a, b = train(jax.random.key(1)), train(jax.random.key(2))
+    assert float(jnp.max(jnp.abs(a - b))) > 1e-4
+    assert float(jnp.max(jnp.abs(a - inference))) > 1e-4
+    with pytest.raises(flax.errors.InvalidRngError):
+        jax.eval_shape(lambda: model.apply({"params": params}, z, levels, None, train=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training on 8 devices, sharding rules
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_sharded_training_step_reduces_the_loss(kind):
+    name, (H, W, C) = TINY[kind]
+    model = models.build(name, num_classes=2)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    data = NamedSharding(mesh, PartitionSpec("data"))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    rng = np.random.default_rng(0)
+    x, eps = (jax.device_put(rng.standard_normal((8, H, W, C), np.float32), data) for _ in range(2))
+    levels = jax.device_put(rng.uniform(0.05, 1.0, (8, H, W)).astype(np.float32), data)
+    labels = jax.device_put(np.arange(8, dtype=np.int32) % 3, data)
+    schedule = schedules.RectifiedFlow()
+    params = jax.device_put(random_params(model, 3, x, levels, labels), replicated)
+    optimizer = optax.adam(3e-3)
+    opt_state = jit(optimizer.init, out_shardings=replicated)(params)
+
+    @functools.partial(jit, out_shardings=replicated)
+    def step(params, opt_state):
+        def loss_fn(p):
+            z = schedule.alpha(levels)[..., None] * x + schedule.sigma(levels)[..., None] * eps
+            pred = model.apply({"params": p}, z, levels, labels)
+            per_example, _ = losses.weighted_loss(pred, x, eps, levels, schedule)
+            return jnp.mean(per_example)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    history = []
+    for _ in range(6):
+        params, opt_state, loss = step(params, opt_state)
+        history.append(float(loss))
+    assert np.all(np.isfinite(history))
+    assert np.all(np.diff(history) < 0) and history[-1] < 0.9 * history[0], history
+    assert params["conv_out" if kind == "unet" else "out"]["kernel"].sharding.is_fully_replicated
+
+
+@pytest.mark.parametrize("name", ["unet-620m", "unet-60m", "dit-xl/2", "dit-b/4"])
+def test_sharding_rules_give_valid_specs(name):
+    params = abstract(name)
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+    specs = models.param_specs(params, mesh)
+    shardings = models.param_shardings(params, mesh)
+    sharded = 0
+    for (path, leaf), spec, sharding in zip(
+        jax.tree_util.tree_leaves_with_path(params),
+        jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, PartitionSpec)),
+        jax.tree.leaves(shardings),
+        strict=True,
+    ):
+        assert len(spec) <= leaf.ndim
+        for dim, axis in zip(leaf.shape, spec, strict=False):
+            assert axis is None or (axis == "fsdp" and dim % 4 == 0)
+        shard = sharding.shard_shape(leaf.shape)
+        is_kernel = path[-1].key in ("kernel", "embedding")
+        if is_kernel and leaf.size >= partitioning.MIN_SHARD_SIZE and max(leaf.shape) % 4 == 0:
+            assert spec != PartitionSpec(), path
+        if not is_kernel:
+            assert spec == PartitionSpec(), path
+        if spec != PartitionSpec():
+            assert np.prod(shard) * 4 == leaf.size
+            sharded += leaf.size
+    total = sum(leaf.size for leaf in jax.tree.leaves(params))
+    assert sharded / total > 0.95
+
+
+def test_fsdp_spec_picks_the_largest_divisible_dimension_or_replicates():
+    assert partitioning.fsdp_spec((3, 3, 256, 512), 8) == PartitionSpec(None, None, None, "fsdp")
+    assert partitioning.fsdp_spec((1536, 384), 8) == PartitionSpec("fsdp")
+    assert partitioning.fsdp_spec((1001, 384), 8) == PartitionSpec(None, "fsdp")
+    assert partitioning.fsdp_spec((3, 5), 4) == PartitionSpec()
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision and the uncertainty head
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_bfloat16_compute_is_close_to_float32(kind):
+    model, params, z, levels = tiny(kind)
+    ref = predict(model, params, z, levels, None)
+    out = predict(model.clone(dtype=jnp.bfloat16), params, z, levels, None)
+    assert out.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    assert 0 < rel < 0.05, rel
+
+
+@pytest.mark.parametrize(("patch", "width"), [(1, 12), (2, 64)])
+def test_uncertainty_head_reads_frozen_features(patch, width):
+    # Features shaped like the U-Net's (patch 1) and the DiT's (patch 2) on 16x16 images.
+    features = jax.random.normal(KEY, (4, 16 // patch, 16 // patch, width))
+    levels = jax.random.uniform(KEY, (4, 16, 16))
+    head = models.UncertaintyHead(hidden=16, depth=1, patch=patch, norm_groups=4)
+    head_params = random_params(head, 4, features, levels)
+    run = jit(lambda f, lv: head.apply({"params": head_params}, f, lv))
+    out = run(features, levels)
+    assert out.shape == levels.shape and out.dtype == jnp.float32
+    assert run(features, levels[:, :1, :1]).shape == levels.shape
+    grad = jit(jax.grad(lambda f: jnp.sum(head.apply({"params": head_params}, f, levels))))(
+        features
+    )
+    assert float(jnp.max(jnp.abs(grad))) == 0.0
+    moved = run(features, levels.at[0, 3, 3].set(0.0))
+    diff = np.asarray(jnp.abs(moved - out))
+    assert diff[0, 3, 3] > 0 and diff[1:].max() == 0.0
