@@ -95,3 +95,65 @@ def diffusion(
             "label_dropout": 0.1,
         }
     )
+
+
+def training_config(
+    *,
+    dataset: str,
+    grid: int,
+    size: str,
+    sampler: str,
+    steps: int,
+    batch: int,
+    lr: float,
+    warmup_steps: int,
+    image_size: int | None = None,
+    random_flip: bool = False,
+    data_path: str | None = None,
+    fsdp: int = 1,
+) -> mc.ConfigDict:
+    """The full training config shared by the experiments; each file picks its values."""
+    config = mc.ConfigDict()
+    config.seed = 0
+    config.total_steps = steps
+    config.data = mc.ConfigDict(
+        {
+            "name": dataset,
+            "path": data_path,
+            "data_dir": None,
+            "image_size": image_size,
+            "random_flip": random_flip,
+            "global_batch_size": batch,
+        }
+    )
+    config.model = mc.ConfigDict(
+        {"name": size, "class_conditional": True, "options": mc.ConfigDict()}
+    )
+    config.diffusion = diffusion()
+    config.levels = level_sampler(sampler, grid)
+    config.optimizer = optimizer(lr=lr, warmup_steps=warmup_steps)
+    config.ema_decay = 0.999
+    config.mesh = mc.ConfigDict({"data": -1, "fsdp": fsdp})
+    config.checkpoint = mc.ConfigDict(
+        {"every_steps": 1000, "keep_last": 3, "keep_every": 0, "async_save": True}
+    )
+    config.log_every_steps = 100
+    config.sample_every_steps = 5000  # PNG grids of EMA samples in WORKDIR/samples; 0 = off
+    config.sample = mc.ConfigDict({"num": 64, "steps": 50, "eta": 0.25})
+    config.progress_every_secs = 60.0
+    return config
+
+
+def shrink_for_smoke(config: mc.ConfigDict) -> mc.ConfigDict:
+    """The `smoke` argument: the same config at a size that runs in seconds on one CPU."""
+    config.total_steps = 4
+    config.data.global_batch_size = 8
+    config.model.name = "unet-tiny"
+    config.model.options = mc.ConfigDict()
+    config.mesh.fsdp = 1
+    config.optimizer.warmup_steps = 2
+    config.checkpoint.every_steps = 2
+    config.log_every_steps = 2
+    config.progress_every_secs = 1.0
+    config.sample_every_steps = 0
+    return config
