@@ -1,5 +1,7 @@
 """apd: AsyncPatch diffusion in JAX/Flax (a noise level per token)."""
 
+import pathlib
+
 import setuptools
 
 # Versions measured to install and work together on Python 3.11 (see WORKSPACE.md).
@@ -43,7 +45,7 @@ setuptools.setup(
     name="apd",
     version="0.1.0",
     description="AsyncPatch diffusion: diffusion models with a noise level per token, in JAX/Flax.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=pathlib.Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["apd", "apd.*"]),
