@@ -18,11 +18,6 @@ from absl import app, flags, logging
 
 from apd.training import checkpoint as checkpoint_lib
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-_WHICH = flags.DEFINE_enum("which", "ema_params", ["ema_params", "params"], "Which parameters.")
-_OUT = flags.DEFINE_string("out", None, "Export directory (must not exist or be empty).")
-
 
 def export(workdir: str, out: str, step: int | None = None, which: str = "ema_params") -> int:
     """Writes the export directory; returns the exported step."""
@@ -62,9 +57,19 @@ def load(export_dir: str) -> tuple[Any, dict]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    export(_WORKDIR.value, _OUT.value, _STEP.value, _WHICH.value)
+    f = flags.FLAGS
+    export(f.workdir, f.out, f.step, f.which)
+
+
+def define_flags() -> None:
+    """The binary's flags, defined only when it runs (the module is also imported as a library)."""
+    flags.DEFINE_string("workdir", None, "Training workdir.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+    flags.DEFINE_enum("which", "ema_params", ["ema_params", "params"], "Which parameters.")
+    flags.DEFINE_string("out", None, "Export directory (must not exist or be empty).")
+    flags.mark_flags_as_required(["workdir", "out"])
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["workdir", "out"])
+    define_flags()
     app.run(main)
