@@ -19,14 +19,15 @@ import dataclasses
 import json
 import logging as pylogging
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import ml_collections as mc
 import orbax.checkpoint as ocp
-from absl import logging
+from absl import flags, logging
 
 from apd import data as data_lib
 from apd import export, models, schedules
@@ -251,3 +252,30 @@ def log_error_fn(
         return head.apply({"params": head_params}, features, levels)
 
     return predict
+
+
+def parse_binary_flags(
+    flag_values: flags.FlagValues, argv: Sequence[str], program: str, doc: str
+) -> list[str]:
+    """Parses a binary's own flags (then absl's, e.g. --v); returns the leftover arguments.
+
+    Each binary keeps its flags in its own `FlagValues`, so several apd binaries can be imported
+    into one process (tests, notebooks); each call starts from the defaults.
+    """
+    if any(arg in ("-h", "--help", "--helpshort", "--helpfull") for arg in argv[1:]):
+        print(doc)
+        print(flag_values.get_help())
+        sys.exit(0)
+    flag_values.unparse_flags()
+    try:
+        rest = flag_values(list(argv), known_only=True)
+        return flags.FLAGS(rest)
+    except flags.Error as err:
+        sys.exit(f"{program}: error: {err} (see --help)")
+
+
+def options_from_flags(flag_values: flags.FlagValues, options_type: type):
+    """An instance of the dataclass `options_type` from the flags of the same names."""
+    return options_type(
+        **{f.name: flag_values[f.name].value for f in dataclasses.fields(options_type)}
+    )

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -366,32 +365,15 @@ def save(directory: str, head_params: Any, opt_state: Any, info: dict) -> None:
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
-    """Parses this binary's flags (then absl's own, e.g. --v); returns the leftover arguments.
-
-    The flags live in their own `FlagValues`, so several apd binaries can be imported into one
-    process (tests, notebooks); each call starts from the defaults.
-    """
-    if any(arg in ("-h", "--help", "--helpshort", "--helpfull") for arg in argv[1:]):
-        print(__doc__)
-        print(_FLAGS.get_help())
-        sys.exit(0)
-    _FLAGS.unparse_flags()
-    try:
-        rest = _FLAGS(list(argv), known_only=True)
-        return flags.FLAGS(rest)
-    except flags.Error as err:
-        sys.exit(f"apd.train_uncertainty: error: {err} (see --help)")
-
-
-def options_from_flags() -> Options:
-    return Options(**{f.name: _FLAGS[f.name].value for f in dataclasses.fields(Options)})
+    """Parses this binary's flags; see `runs.parse_binary_flags`."""
+    return runs.parse_binary_flags(_FLAGS, argv, "apd.train_uncertainty", __doc__)
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(runs.quiet_orbax)
-    info = train(options_from_flags())
+    info = train(runs.options_from_flags(_FLAGS, Options))
     print(
         f"uncertainty head: {info['steps_done']} steps against backbone step "
         f"{info['backbone']['step']}; held-out loss {info['eval']['loss']:.4f}, "
