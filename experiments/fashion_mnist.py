@@ -1,5 +1,8 @@
 """The embedded default: a small per-pixel-FiLM U-Net on Fashion-MNIST (28 x 28 x 1).
 
+The default length (1,000 steps at batch 64, about one epoch) is sized for roughly 15 minutes on
+2 CPU cores; `:steps=N` changes it, and relaunching with more steps continues the same run.
+
     python -m apd.train --config=experiments/fashion_mnist.py --workdir=runs/fmnist
     python -m apd.train --config=experiments/fashion_mnist.py:sampler=perlin --workdir=...
     python -m apd.train --config=experiments/fashion_mnist.py:smoke --workdir=/tmp/smoke
@@ -16,7 +19,7 @@ from experiments import common
 
 def get_config(arg: str | None = None) -> mc.ConfigDict:
     arg = common.parse_arg(
-        arg, sampler="asyncpatch", size="unet-small", steps=6000, batch=64, smoke=False
+        arg, sampler="asyncpatch", size="unet-small", steps=1000, batch=64, smoke=False
     )
     config = common.training_config(
         dataset="fashion_mnist",
@@ -29,9 +32,9 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
         lr=2e-3,
         warmup_steps=200,
     )
-    config.checkpoint.every_steps = 500
+    config.checkpoint.every_steps = 250
     config.log_every_steps = 50
-    config.sample_every_steps = 1000
+    config.sample_every_steps = 500
     config.progress_every_secs = 30.0
     if arg.smoke:
         common.shrink_for_smoke(config)
