@@ -87,10 +87,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--only", choices=list(BACKBONES), default=None)
-    parser.add_argument(
-        "--out", default=os.path.join(os.path.dirname(__file__), "conditioning.json")
-    )
+    parser.add_argument("--out", default=None, help="default: conditioning_<dtype>.json here")
     args = parser.parse_args()
+    out = args.out or os.path.join(os.path.dirname(__file__), f"conditioning_{args.dtype}.json")
     results = {}
     for backbone, (name, (H, W, C), batch, naive) in BACKBONES.items():
         if args.only and backbone != args.only:
@@ -132,9 +131,9 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "results": results,
     }
-    with open(args.out, "w") as f:
+    with open(out, "w") as f:
         json.dump(record, f, indent=2)
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ if [ ! -d "$DATA" ]; then
   fi
 fi
 
-source launch/env.sh
+source launch/env.sh ""  # no extras (an explicit argument, or ours would leak in)
 PY="$VENV/bin/python"
 export TF_CPP_MIN_LOG_LEVEL=3
 # Two host devices with the batch split over them use both cores best (WORKSPACE.md).

@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from apd import losses, models, schedules
-from apd.models import conditioning, partitioning
+from apd.models import conditioning, layers, partitioning
 from apd.models.dit import DiT, patchify, unpatchify
 from apd.models.unet import FiLM, UNet
 
@@ -360,6 +360,35 @@ def test_fsdp_spec_picks_the_largest_divisible_dimension_or_replicates():
     assert partitioning.fsdp_spec((3, 5), 4) == PartitionSpec()
 
 
+def test_conv_as_matmul_equals_convolution():
+    x = jax.random.normal(KEY, (2, 7, 5, 3))
+    for k in (1, 3, 5):
+        kernel = jax.random.normal(jax.random.key(k), (k, k, 3, 4))
+        ref = jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        np.testing.assert_allclose(
+            jit(layers.conv_as_matmul, static_argnums=2)(x, kernel, jnp.float32),
+            ref,
+            atol=1e-4,
+        )
+
+
+def test_matmul_gradients_in_both_precisions():
+    a = jax.random.normal(KEY, (2, 3, 16, 8))
+    b = jax.random.normal(jax.random.key(1), (2, 3, 8, 12))
+    ref = jax.grad(lambda a, b: jnp.sum(jnp.sin(a @ b)), argnums=(0, 1))(a, b)
+
+    def loss(a, b, dtype):
+        return jnp.sum(jnp.sin(layers.matmul(a, b, dtype)))
+
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 0.05)):
+        grads = jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(a, b, dtype)
+        for g, r in zip(grads, ref, strict=True):
+            assert g.dtype == jnp.float32
+            assert float(jnp.max(jnp.abs(g - r)) / jnp.max(jnp.abs(r))) < tol
+
+
 # ---------------------------------------------------------------------------------------------
 # Precision and the uncertainty head
 
@@ -368,7 +397,7 @@ def test_fsdp_spec_picks_the_largest_divisible_dimension_or_replicates():
 def test_bfloat16_compute_is_close_to_float32(kind):
     model, params, z, levels = tiny(kind)
     ref = predict(model, params, z, levels, None)
-    out = predict(model.clone(dtype=jnp.bfloat16), params, z, levels, None)
+    out = predict(model.clone(dtype="bfloat16"), params, z, levels, None)  # as configs spell it
     assert out.dtype == jnp.float32
     rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
     assert 0 < rel < 0.05, rel

@@ -59,14 +59,13 @@ def _matmul(a: Array, b: Array, dtype: Dtype) -> Array:
 
 
 def _matmul_fwd(a: Array, b: Array, dtype: Dtype):
-    a, b = a.astype(dtype), b.astype(dtype)
-    return _dot(a, b, (-1, -2), dtype), (a, b)
+    return _dot(a, b, (-1, -2), dtype), (a, b.astype(dtype))
 
 
 def _matmul_bwd(dtype: Dtype, res, g: Array):
     a, b = res
     g = g.astype(dtype)
-    return _dot(g, b, (-1, -1), dtype), _dot_tn(a, g, dtype)
+    return _dot(g, b, (-1, -1), dtype).astype(a.dtype), _dot_tn(a, g, dtype)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -75,10 +74,11 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 def matmul(a: Array, b: Array, dtype: Dtype = jnp.float32) -> Array:
     """a [..., M, K] @ b [..., K, N] -> [..., M, N] float32, operands in `dtype` in both passes.
 
-    a and b have the same leading batch axes. Inputs are taken as float32; products accumulate
-    in float32.
+    a and b have the same leading batch axes; products accumulate in float32. The gradient
+    reaching `a` (activations) is rounded to `dtype`, as with autocast; `b`'s (usually a
+    float32 kernel) stays float32.
     """
-    return _matmul(a.astype(jnp.float32), b.astype(jnp.float32), jnp.dtype(dtype))
+    return _matmul(a.astype(dtype), b.astype(jnp.float32), jnp.dtype(dtype))
 
 
 def to_rank(v: Array, ndim: int) -> Array:
@@ -132,7 +132,7 @@ def conv_as_matmul(x: Array, kernel: Array, dtype: Dtype) -> Array:
     B, H, W, C = x.shape
     k, out = kernel.shape[0], kernel.shape[-1]
     p = k // 2
-    padded = jnp.pad(x, ((0, 0), (0, 0), (p, p), (0, 0)))
+    padded = jnp.pad(x.astype(dtype), ((0, 0), (0, 0), (p, p), (0, 0)))
     taps = jnp.concatenate([padded[:, :, j : j + W] for j in range(k)], axis=-1)
     weights = kernel.transpose(1, 2, 0, 3).reshape(k * C, k * out)  # [(j, c), (i, o)]
     rows = matmul(taps.reshape(-1, k * C), weights, dtype).reshape(B, H, W, k, out)
@@ -143,7 +143,7 @@ def conv_as_matmul(x: Array, kernel: Array, dtype: Dtype) -> Array:
 class Conv(nn.Module):
     """2-D convolution, NHWC, 'SAME' padding; float32 accumulation and output.
 
-    With bfloat16 operands, stride-1 convolutions run as a matmul (`conv_as_matmul`).
+    With bfloat16 operands on CPU, stride-1 convolutions run as a matmul (`conv_as_matmul`).
 
     Attributes:
       features: output channels.
@@ -165,7 +165,8 @@ class Conv(nn.Module):
         kernel = self.param(
             "kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32
         )
-        if self.strides == 1 and k % 2 and jnp.dtype(self.dtype) == jnp.bfloat16:
+        as_matmul = jnp.dtype(self.dtype) == jnp.bfloat16 and jax.default_backend() == "cpu"
+        if as_matmul and self.strides == 1 and k % 2:
             y = conv_as_matmul(x, kernel, self.dtype)
         else:
             y = jax.lax.conv_general_dilated(
