@@ -141,7 +141,58 @@ def training_config(
     config.sample_every_steps = 5000  # PNG grids of EMA samples in WORKDIR/samples; 0 = off
     config.sample = mc.ConfigDict({"num": 64, "steps": 50, "eta": 0.25})
     config.progress_every_secs = 60.0
+    config.evaluate = evaluation()
     return config
+
+
+def evaluation(
+    *,
+    num_samples: int = 1000,
+    num_images: int = 500,
+    steps: int = 50,
+    seeds: tuple[int, ...] = (0,),
+    families: tuple[str, ...] = ("extrema", "square", "thin", "wide", "half", "perlin"),
+    input_guidance: tuple[float, ...] = (0.0,),
+    repaint: bool = False,
+) -> mc.ConfigDict:
+    """The evaluators `python -m apd.evaluate` runs on a checkpoint (method.md section 8).
+
+    Every evaluator runs once per seed in `seeds` (noise, labels and masks from the seed; the
+    inputs are the first images of the split), so each metric has a mean and a spread.
+    """
+    return mc.ConfigDict(
+        {
+            "evaluators": ("generation", "inpainting", "likelihood"),
+            "seeds": seeds,
+            "batch": 250,  # images per network call (the last chunk is padded)
+            "steps": steps,  # DDIM steps of generation and inpainting
+            "eta": 0.25,
+            "split": "test",  # inputs and reference statistics
+            # 'auto': apd's Fashion-MNIST feature network for fashion_mnist (FID_FMNIST),
+            # InceptionV3 (--inception_weights) otherwise.
+            "features": "auto",
+            "num_reference": 10000,  # reference images (Inception datasets; FMNIST: whole split)
+            "generation": {"num_samples": num_samples, "labels": "random", "cfg_scale": 0.0},
+            "inpainting": {
+                "families": families,
+                "num_images": num_images,
+                "labels": "data",
+                "input_guidance": input_guidance,  # one apd result per scale (0 = off)
+                "repaint": repaint,  # the RePaint baseline on the same model and masks
+                "repaint_steps": steps,
+                "repaint_jump": 10,
+                "repaint_resample": 10,
+            },
+            "likelihood": {
+                "paths": ("synchronous", "random_ray", "raster"),
+                "num_images": num_images,
+                "num_points": 16,  # Monte Carlo points of the diffusion term per image
+                "raster_grid": 2,  # raster path: G x G patches
+            },
+            "adm_samples": 0,  # write this many generated samples as an ADM-evaluator .npz
+            "report_images": 8,  # images per grid in the report
+        }
+    )
 
 
 def shrink_for_smoke(config: mc.ConfigDict) -> mc.ConfigDict:
@@ -156,4 +207,22 @@ def shrink_for_smoke(config: mc.ConfigDict) -> mc.ConfigDict:
     config.log_every_steps = 2
     config.progress_every_secs = 1.0
     config.sample_every_steps = 0
+    shrink_evaluation_for_smoke(config.evaluate)
     return config
+
+
+def shrink_evaluation_for_smoke(evaluate: mc.ConfigDict) -> mc.ConfigDict:
+    """Evaluation at a size that runs in seconds (tiny counts; metrics are not meaningful)."""
+    evaluate.batch = 8
+    evaluate.steps = 4
+    evaluate.num_reference = 64
+    evaluate.generation.num_samples = 16
+    evaluate.inpainting.families = ("square", "wide")
+    evaluate.inpainting.num_images = 8
+    evaluate.inpainting.repaint_steps = 4
+    evaluate.inpainting.repaint_jump = 2
+    evaluate.inpainting.repaint_resample = 2
+    evaluate.likelihood.num_images = 8
+    evaluate.likelihood.num_points = 2
+    evaluate.report_images = 4
+    return evaluate

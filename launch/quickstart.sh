@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: Fashion-MNIST, a small U-Net, about 15 minutes of training
-# on 2 CPU cores, then samples from every kind of plan.
+# on 2 CPU cores, then samples from every kind of plan, the evaluation and a report.
 #
 #   bash launch/quickstart.sh [--config.KEY=VALUE ...]
 #
 # Installs what it needs (the Debian package dataset-fashion-mnist, a virtual environment in .venv),
-# trains into $APD_WORKDIR (default runs/fashion_mnist; relaunching resumes), and writes pictures
-# under $APD_WORKDIR/report/.
+# trains into $APD_WORKDIR (default runs/fashion_mnist; relaunching resumes), samples every plan
+# into $APD_WORKDIR/report/, evaluates (FID_FMNIST with apd's feature network, trained once into
+# ~/.cache/apd; inpainting protocol; bits/dim) and writes $APD_WORKDIR/eval/report.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORKDIR="${APD_WORKDIR:-runs/fashion_mnist}"
@@ -55,4 +56,7 @@ echo "== uncertainty head and adaptive sampling"
 "$PY" -m apd.train_uncertainty --workdir="$WORKDIR"
 sample adaptive --plan=adaptive
 
-echo "done: pictures under $REPORT (samples.png in each folder, levels/levels_all.png)"
+echo "== evaluation: FID_FMNIST, inpainting on every mask family (+ input guidance, RePaint), bits/dim"
+"$PY" -m apd.evaluate --config=experiments/fashion_mnist.py --workdir="$WORKDIR"
+
+echo "done: the report is $WORKDIR/eval/report.md (pictures under $REPORT and $WORKDIR/eval)"
