@@ -204,6 +204,7 @@ class Evaluation:
         os.makedirs(units_dir, exist_ok=True)
         loaded = evaluator = None
         records = []
+        computed: list[float] = []  # seconds of the units computed in this call
         for i, unit in enumerate(self.units):
             path = os.path.join(units_dir, f"{unit.name}.json")
             settings = protocol.unit_settings(unit, self.evaluate)
@@ -223,12 +224,16 @@ class Evaluation:
             logging.info("Step %d: unit %d/%d %s", step, i + 1, len(self.units), unit.name)
             record = evaluator.run_unit(unit, directory)
             integrity.write_json(path, record)
+            computed.append(record["seconds"])
+            left = len(self.units) - i - 1
             logging.info(
-                "Step %d: %s done in %.0f s: %s",
+                "Step %d: %s done in %.0f s: %s (%d units left, ETA about %.0f min)",
                 step,
                 unit.name,
                 record["seconds"],
-                {k: v for k, v in record["metrics"].items() if v is not None},
+                {k: round(v, 4) for k, v in record["metrics"].items() if v is not None},
+                left,
+                left * sum(computed) / len(computed) / 60,
             )
             records.append(record)
         if loaded is None:  # every unit was stored: the provenance still names the checkpoint

@@ -48,8 +48,8 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
     config = fashion_mnist.get_config(f"sampler={arg.sampler},steps={arg.steps}")
     config.sample_every_steps = config.total_steps  # one grid at the end
     config.evaluate = common.evaluation(
-        num_samples=600,
-        num_images=300,
+        num_samples=500,
+        num_images=160,
         steps=25,
         seeds=(0, 1),
         repaint=arg.sampler == BASELINE,

@@ -72,7 +72,9 @@ def _batch(config, n):
 
 def test_sharded_step_matches_single_device(data_path):
     """data x fsdp = 4 x 2 gives the same loss and update as one device; FSDP really shards."""
+    # unet-small at base 64: kernels of 3x3x128x128, large enough for the FSDP rules to shard.
     config = smoke_config(data_path, **{"model.name": "unet-small"})
+    config.model.options = {"base": 64}
     batch = _batch(config, 8)
     results = {}
     for name, (data, fsdp, devices) in {
