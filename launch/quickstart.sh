@@ -56,7 +56,7 @@ echo "== uncertainty head and adaptive sampling"
 "$PY" -m apd.train_uncertainty --workdir="$WORKDIR"
 sample adaptive --plan=adaptive
 
-echo "== evaluation: FID_FMNIST, inpainting on every mask family (+ input guidance, RePaint), bits/dim"
+echo "== evaluation: FID_FMNIST, inpainting on every mask family (with and without input guidance), bits/dim"
 "$PY" -m apd.evaluate --config=experiments/fashion_mnist.py --workdir="$WORKDIR"
 
 echo "done: the report is $WORKDIR/eval/report.md (pictures under $REPORT and $WORKDIR/eval)"

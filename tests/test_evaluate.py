@@ -100,6 +100,7 @@ def test_units_follow_the_config():
         ("inpainting.families", ("circle",), "families"),
         ("inpainting.input_guidance", (-1.0,), "input_guidance"),
         ("likelihood.paths", ("zigzag",), "paths"),
+        ("likelihood.t_start", 0.0, "t_start"),
         ("generation.labels", "all", "labels"),
     ],
 )

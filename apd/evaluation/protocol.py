@@ -17,7 +17,9 @@ Units:
                                       given, and the largest error on known pixels (0: exact).
   likelihood.PATH.seedS               bits/dim of the first N images of the split along the
                                       synchronous, random-ray or raster path (`apd.elbo`), with
-                                      the null label (an unconditional likelihood).
+                                      the null label (an unconditional likelihood), from the
+                                      clean end `likelihood.t_start` (where the 256-bin
+                                      decoder takes over) to the noisy end.
 
 Sampling and the ELBO run on every local device: the batch is split over a 1-D mesh and the
 parameters replicated.
@@ -123,6 +125,9 @@ def check_config(evaluate: mc.ConfigDict) -> None:
             )
     for path in evaluate.likelihood.paths:
         checks.check_choice("evaluate.likelihood.paths", path, PATHS)
+    t_start = evaluate.likelihood.t_start
+    if not 0.0 < float(t_start) < 0.5:
+        raise ValueError(f"evaluate.likelihood.t_start must lie in (0, 0.5); got {t_start!r}.")
 
 
 def units(evaluate: mc.ConfigDict) -> list[Unit]:
@@ -185,7 +190,12 @@ def unit_settings(unit: Unit, evaluate: mc.ConfigDict) -> dict[str, Any]:
             "input_guidance": unit.input_guidance,
         }
     cfg = evaluate.likelihood
-    out = common | {"path": unit.path, "num_images": cfg.num_images, "num_points": cfg.num_points}
+    out = common | {
+        "path": unit.path,
+        "num_images": cfg.num_images,
+        "num_points": cfg.num_points,
+        "t_start": float(cfg.t_start),
+    }
     return out | ({"raster_grid": cfg.raster_grid} if unit.path == "raster" else {})
 
 
@@ -482,12 +492,15 @@ class Evaluator:
 
                 denoise = elbo.x_pred_wrapper(model_fn, run.schedule, run.prediction)
                 k_path, k_elbo = jax.random.split(key)
+                t_start = float(lik.t_start)
                 if path_name == "synchronous":
-                    path = paths.synchronous(shape, schedule=run.schedule)
+                    path = paths.synchronous(shape, t_start=t_start, schedule=run.schedule)
                 elif path_name == "random_ray":
-                    path = paths.random_ray(k_path, shape)
+                    path = paths.random_ray(k_path, shape, t_start=t_start)
                 else:
-                    path = paths.raster(shape, lik.raster_grid, schedule=run.schedule)
+                    path = paths.raster(
+                        shape, lik.raster_grid, t_start=t_start, schedule=run.schedule
+                    )
                 return elbo.negative_elbo(
                     denoise, x, path, k_elbo, num_points=lik.num_points, schedule=run.schedule
                 )

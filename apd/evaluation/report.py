@@ -11,6 +11,8 @@ import json
 import os
 from typing import Any
 
+from apd.evaluation import masks
+
 REPORT = "report.md"
 
 
@@ -58,7 +60,13 @@ def inpainting_rows(summary: dict[str, dict]) -> list[tuple[str, str, dict[str, 
         parts = name.split("/")
         if parts[0] == "inpainting" and len(parts) == 4:
             settings.setdefault((parts[1], parts[2]), {})[parts[3]] = entry
-    return [(f, m, metrics) for (f, m), metrics in settings.items()]
+
+    def order(item):
+        (family, method), _ = item
+        rank = masks.FAMILIES.index(family) if family in masks.FAMILIES else len(masks.FAMILIES)
+        return rank, family, method != "apd", method
+
+    return [(f, m, metrics) for (f, m), metrics in sorted(settings.items(), key=order)]
 
 
 def sample_pictures(out_dir: str, pictures_dir: str | None) -> list[str]:
@@ -123,6 +131,13 @@ def write(
                 ]
                 rows.append("| " + " | ".join(cells) + " |")
             lines += [*_table(header, rows), ""]
+            count = record["provenance"]["evaluate"]["inpainting"]["num_images"]
+            lines += [
+                f"FID here is over {count} completed images per family: Fréchet distances are "
+                "biased upwards at small counts, so compare them only at equal counts (not with "
+                "the generation FID above when its sample count differs).",
+                "",
+            ]
         step_dir = f"step_{latest:08d}"
         pictures = [u for u in record["units"] if u.get("images")]
         first_seed = min((u["settings"]["seed"] for u in pictures), default=None)
