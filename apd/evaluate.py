@@ -111,7 +111,7 @@ class Evaluation:
         self.workdir = os.path.abspath(workdir)
         self.out = os.path.abspath(out)
         self.options = options
-        run_config = _run_config(self.workdir)
+        run_config = runs.read_config(self.workdir)
         if config is None:
             if "evaluate" not in run_config:
                 raise ValueError(
@@ -299,21 +299,6 @@ class Evaluation:
             if name.startswith("step_") and os.path.exists(path):
                 out[int(name[5:])] = integrity.read_json(path)
         return out
-
-
-def _run_config(workdir: str):
-    import json
-
-    import ml_collections as mc
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} is missing: --workdir must be a training workdir (apd.train writes "
-            "config.json and checkpoints/ there)."
-        )
-    with open(path, encoding="utf-8") as f:
-        return mc.ConfigDict(json.load(f))
 
 
 def follow(evaluation: Evaluation, poll_secs: float, timeout_secs: float) -> list[int]:

@@ -26,6 +26,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections as mc
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import flags, logging
 
@@ -95,7 +96,7 @@ def load(
             )
         params, description = export.load(directory)
         step = int(description["step"])
-    config = _read_config(directory)
+    config = read_config(directory)
     model_cfg = description["model"]
     num_classes = int(model_cfg.get("num_classes", 0))
     model = models.build(
@@ -136,15 +137,34 @@ def quiet_orbax(record) -> bool:
     return not any(text in message for text in _HARMLESS_ORBAX_WARNINGS)
 
 
-def _read_config(directory: str) -> mc.ConfigDict:
+def read_config(directory: str) -> mc.ConfigDict:
+    """The config.json of a training workdir or an export directory."""
     path = os.path.join(directory, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(
-            f"{path} is missing: the run's config (schedule, prediction type, dataset) is needed "
-            "to sample. The training binary writes it to the workdir; apd.export copies it."
+            f"{path} is missing: the run's config (schedule, prediction type, dataset) is needed. "
+            "The training binary writes it to its workdir; apd.export copies it."
         )
     with open(path, encoding="utf-8") as f:
         return mc.ConfigDict(json.load(f))
+
+
+def first_images(run: Run, split: str, num: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `num` images of the run's dataset split: (float32 [num, H, W, C] in [-1, 1],
+    labels int32 [num]), as the evaluation pipeline reads them."""
+    cfg = run.config.data
+    source = data_lib.get_source(cfg.name, split, data_dir=cfg.data_dir, path=cfg.path)
+    if len(source) < num:
+        raise ValueError(f"{num} images asked of split {split!r}, which holds {len(source)}.")
+    batch = data_lib.make_eval_dataset(
+        source,
+        global_batch_size=num,
+        num_examples=num,
+        image_size=cfg.image_size,
+        process_index=0,
+        process_count=1,
+    )[0]
+    return np.asarray(batch["image"]), np.asarray(batch["label"])
 
 
 def _tuples(value: Any) -> Any:

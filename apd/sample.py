@@ -58,7 +58,6 @@ import numpy as np
 from absl import app, flags, logging
 
 from apd import checks, plans, runs, sampling
-from apd import data as data_lib
 from apd.sampling import images
 
 Array = jax.Array
@@ -222,25 +221,6 @@ def resolve_labels(
             f"--labels ids must lie in [0, {num_classes}] ({num_classes} = null); got {spec!r}."
         )
     return np.resize(ids, num)
-
-
-def load_inputs(run: runs.Run, split: str, num: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `num` images of the run's dataset split: (float32 [num, H, W, C] in [-1, 1],
-    labels int32 [num])."""
-    cfg = run.config.data
-    source = data_lib.get_source(cfg.name, split, data_dir=cfg.data_dir, path=cfg.path)
-    if len(source) < num:
-        raise ValueError(f"--num={num} exceeds the {len(source)} images of split {split!r}.")
-    dataset = data_lib.make_eval_dataset(
-        source,
-        global_batch_size=num,
-        num_examples=num,
-        image_size=cfg.image_size,
-        process_index=0,
-        process_count=1,
-    )
-    batch = dataset[0]
-    return batch["image"], batch["label"]
 
 
 def _from_file(path: str, what: str, num: int, grid: tuple[int, int]) -> np.ndarray:
@@ -435,7 +415,7 @@ def run(options: Options) -> dict:
     strength = make_strength(options.strength, num, grid) if options.plan == "edit" else None
     inputs = data_labels = None
     if options.plan in _WITH_INPUTS or masks is not None:
-        inputs, data_labels = load_inputs(loaded, options.split, num)
+        inputs, data_labels = runs.first_images(loaded, options.split, num)
     labels = resolve_labels(options.labels, loaded.num_classes, num, data_labels, options.seed)
 
     # ----------------------------------------------------------------------------------------

@@ -140,6 +140,7 @@ def test_evaluate_end_to_end_and_resume(workdir, feature_dir, capsys):
     args = (
         "--config.evaluate.seeds=(0,1)",
         "--config.evaluate.inpainting.input_guidance=(0.0,1.5)",
+        "--config.evaluate.inpainting.repaint=True",
     )
     evaluate_main(workdir, feature_dir, *args)
     assert "evaluated steps [2]" in capsys.readouterr().out

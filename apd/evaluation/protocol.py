@@ -361,24 +361,7 @@ class Evaluator:
     def inputs(self, num: int) -> tuple[np.ndarray, np.ndarray]:
         """The first `num` images of the split (float32 [-1, 1]) and their labels."""
         if num not in self._inputs:
-            cfg = self.run.config.data
-            source = data_lib.get_source(
-                cfg.name, self.cfg.split, data_dir=cfg.data_dir, path=cfg.path
-            )
-            if len(source) < num:
-                raise ValueError(
-                    f"the evaluation asks for {num} images of split {self.cfg.split!r}, which "
-                    f"holds {len(source)}."
-                )
-            batch = data_lib.make_eval_dataset(
-                source,
-                global_batch_size=num,
-                num_examples=num,
-                image_size=cfg.image_size,
-                process_index=0,
-                process_count=1,
-            )[0]
-            self._inputs[num] = (np.asarray(batch["image"]), np.asarray(batch["label"]))
+            self._inputs[num] = runs.first_images(self.run, self.cfg.split, num)
         return self._inputs[num]
 
     def labels(self, mode: str, num: int, seed: int, data_labels=None) -> np.ndarray | None:
