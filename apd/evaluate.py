@@ -36,9 +36,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 from absl import app, flags, logging
+from clu import metric_writers
 
-from apd import runs
+from apd import __version__, runs
+from apd.data import fashion_mnist
+from apd.evaluation import integrity, lpips, protocol, report
 
 _FLAGS = flags.FlagValues()
 _OVERRIDES: list[tuple[str, str]] = []  # --config.KEY=VALUE, in order
@@ -106,8 +110,6 @@ class Evaluation:
     """The evaluation of one run: config, features, output directory."""
 
     def __init__(self, workdir: str, config, out: str, options: dict[str, Any]):
-        from apd.evaluation import integrity, protocol
-
         self.workdir = os.path.abspath(workdir)
         self.out = os.path.abspath(out)
         self.options = options
@@ -132,8 +134,6 @@ class Evaluation:
         self._features = None
         self._lpips = None
         if options["lpips_weights"]:
-            from apd.evaluation import lpips
-
             self._lpips = (
                 lpips.load_params(options["lpips_weights"]),
                 integrity.sha256_file(options["lpips_weights"]),
@@ -153,22 +153,18 @@ class Evaluation:
         if kind == "fmnist" and run_config.data.name != "fashion_mnist":
             raise ValueError("evaluate.features='fmnist' is for fashion_mnist runs only.")
         if self.needs_fid and kind == "inception" and not self.options["inception_weights"]:
-            from apd.evaluation import protocol
-
-            protocol.inception_features(None, "", run_config.data, "", 0)  # raises, explains
+            protocol.require_inception_weights(None, run_config.data.name)
         self.feature_kind = kind if self.needs_fid else "none"
         self.run_config = run_config
 
     def features(self):
-        from apd.evaluation import protocol
-
         if self._features is None and self.feature_kind != "none":
             split = self.evaluate.split
             if self.feature_kind == "fmnist":
                 feature_dir = self.options["feature_dir"] or os.path.join(
                     self.options["cache_dir"], "features", "fashion_mnist"
                 )
-                path = self.run_config.data.path or "/usr/share/datasets/fashion-mnist"
+                path = self.run_config.data.path or fashion_mnist.DEFAULT_PATH
                 self._features = protocol.fmnist_features(feature_dir, split, path)
             else:
                 self._features = protocol.inception_features(
@@ -184,8 +180,6 @@ class Evaluation:
         path = os.path.join(step_dir(self.out, step), RESULTS)
         if not os.path.exists(path):
             return False
-        from apd.evaluation import integrity
-
         record = integrity.read_json(path)
         return record.get("units_expected") == [u.name for u in self.units]
 
@@ -194,11 +188,6 @@ class Evaluation:
 
     def run_step(self, step: int) -> dict[str, Any]:
         """Evaluates one checkpoint (resuming its stored units); returns results.json."""
-        import jax
-
-        from apd import __version__
-        from apd.evaluation import integrity, protocol, report
-
         directory = step_dir(self.out, step)
         units_dir = os.path.join(directory, UNITS_DIR)
         os.makedirs(units_dir, exist_ok=True)
@@ -281,16 +270,12 @@ class Evaluation:
         return results
 
     def _write_scalars(self, step: int, summary: dict[str, dict]) -> None:
-        from clu import metric_writers
-
         writer = metric_writers.create_default_writer(self.out, asynchronous=False)
         writer.write_scalars(step, {name: entry["mean"] for name, entry in summary.items()})
         writer.flush()
         writer.close()
 
     def all_results(self) -> dict[int, dict]:
-        from apd.evaluation import integrity
-
         out = {}
         if not os.path.isdir(self.out):
             return out

@@ -264,19 +264,24 @@ def fmnist_features(feature_dir: str, split: str, data_path: str) -> Features:
     )
 
 
+def require_inception_weights(weights: str | None, dataset: str) -> None:
+    """Raises FileNotFoundError saying what to supply when there is no weights file."""
+    if not weights:
+        raise FileNotFoundError(
+            f"FID on {dataset} uses InceptionV3 features and needs its weights: pass "
+            "--inception_weights=PATH (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or "
+            "the .npz `python -m apd.evaluation.inception convert` writes). Nothing is "
+            "downloaded. Or leave generation and inpainting out of evaluate.evaluators."
+        )
+
+
 def inception_features(
     weights: str | None, cache_dir: str, data_cfg: mc.ConfigDict, split: str, num_reference: int
 ) -> Features:
     """InceptionV3 (pool3) from a local weights file, with cached reference statistics."""
     from apd.evaluation import inception
 
-    if not weights:
-        raise FileNotFoundError(
-            f"FID on {data_cfg.name} uses InceptionV3 features and needs its weights: pass "
-            "--inception_weights=PATH (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or "
-            "the .npz `python -m apd.evaluation.inception --convert` writes). Nothing is "
-            "downloaded. Or leave generation and inpainting out of evaluate.evaluators."
-        )
+    require_inception_weights(weights, data_cfg.name)
     variables = inception.load_variables(weights)
     sha256 = integrity.sha256_file(weights)
     fn = inception.feature_fn()
