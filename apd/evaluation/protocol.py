@@ -544,11 +544,12 @@ class Evaluator:
         cfg = self.cfg.inpainting
         x, data_labels = self.inputs(cfg.num_images)
         grid = self.run.image_shape[:-1]
+        # Mask i depends only on (family, seed, i): the saved file is what this unit used,
+        # rewritten when another image count (a recomputed unit) changed it.
         mask_file = os.path.join(out_dir, f"masks.{unit.family}.seed{unit.seed}.npz")
-        if os.path.exists(mask_file):
-            known, _ = masks.load_masks(mask_file)
-        else:
-            known = masks.make_masks(unit.family, unit.seed, cfg.num_images, grid)
+        known = masks.make_masks(unit.family, unit.seed, cfg.num_images, grid)
+        saved = masks.load_masks(mask_file)[0] if os.path.exists(mask_file) else None
+        if saved is None or saved.shape != known.shape or not np.array_equal(saved, known):
             masks.save_masks(mask_file, known, unit.family, unit.seed)
         labels = self.labels(cfg.labels, cfg.num_images, unit.seed, data_labels)
         y = self.inpaint(
