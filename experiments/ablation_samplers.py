@@ -75,10 +75,9 @@ def _config_arg(sampler: str, args) -> str:
 
 
 def _final_step(workdir: str) -> int | None:
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        return None
-    steps = [int(n) for n in os.listdir(directory) if n.isdigit()]
+    from apd.evaluate import checkpoint_steps
+
+    steps = checkpoint_steps(workdir)
     return max(steps) if steps else None
 
 

@@ -216,11 +216,11 @@ class Features:
     reference_record: dict[str, Any]  # dataset, split, count, the statistics' SHA-256
 
     def fid(self, images_float: np.ndarray, batch: int) -> float:
-        running = frechet.RunningStats(self.dim)
-        for start in range(0, images_float.shape[0], batch):
-            running.update(np.asarray(self.embed(images_float[start : start + batch])))
-        mu, sigma = running.stats()
-        return frechet.fid_from_stats(mu, sigma, self.reference.mean, self.reference.covariance)
+        chunks = (images_float[s : s + batch] for s in range(0, images_float.shape[0], batch))
+        stats = reference.accumulate(self.embed, chunks, self.dim)
+        return frechet.fid_from_stats(
+            stats.mean, stats.covariance, self.reference.mean, self.reference.covariance
+        )
 
 
 def _reference_record(cache_dir: str, dataset: str, split: str, sha256: str) -> dict[str, Any]:
