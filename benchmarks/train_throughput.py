@@ -1,14 +1,22 @@
 """Training throughput: images/s, achieved FLOP/s against the measured matmul peak, input wait.
 
-    python benchmarks/train_throughput.py [--devices=1] [--steps=10] [--out=FILE.json]
+    python benchmarks/train_throughput.py [--devices=2] [--steps=10] [--out=FILE.json]
 
-1. The machine's matmul peak, measured here: float32 x float32 and bfloat16 operands with float32
-   accumulation (the fast path on CPUs with AMX-BF16), square matrices, best of several runs.
+The process gets `--devices` XLA host devices (`--xla_force_host_platform_device_count`, with
+XLA's Eigen pool off as in `launch/quickstart.sh`: apd's setting for CPU hosts).
+
+1. The machine's matmul peak, measured here for float32 x float32 and for bfloat16 operands with
+   float32 accumulation, square matrices, best of several runs: once on one device (XLA's
+   matmul library spreads one product over every core) and once split over all devices; the
+   larger of the two is the machine's peak.
 2. The jitted training step (apd.training.loop.build: level sampling, noising, forward, backward,
-   Adam, EMA) of each model below: its FLOPs from XLA's cost analysis, the median step time, and
-   the FLOP utilisation against the peak of the precision it runs in.
-3. The real training loop (apd.training.loop.train_and_evaluate on Fashion-MNIST) for a few dozen
-   steps: the fraction of wall time the host spends waiting for input, from its metrics.
+   Adam, EMA) of each model below, side by side on a 1-device mesh and on a data-parallel mesh
+   over all devices: its FLOPs from XLA's cost analysis (per device, times the devices), the
+   median step time, and the FLOP utilisation against the machine's peak for the precision it
+   runs in.
+3. The real training loop (apd.training.loop.train_and_evaluate on Fashion-MNIST, the default
+   config's mesh over all devices) for a few dozen steps: the fraction of wall time the host
+   spends waiting for input, from its metrics.
 
 Prints a table and writes JSON.
 """
@@ -21,7 +29,7 @@ import tempfile
 import time
 
 _parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-_parser.add_argument("--devices", type=int, default=1, help="host devices (XLA CPU devices)")
+_parser.add_argument("--devices", type=int, default=2, help="host devices (XLA CPU devices)")
 _parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
 _parser.add_argument("--loop_steps", type=int, default=60, help="steps of the real loop")
 _parser.add_argument(
@@ -48,18 +56,20 @@ from experiments import fashion_mnist  # noqa: E402
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
-def matmul_peak(dtype, n: int = 2048, reps: int = 7) -> float:
-    """Best GFLOP/s of an n x n x n matmul with `dtype` operands, float32 accumulation."""
-    a = jnp.ones((n, n), dtype)
-    b = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-    f(a, b).block_until_ready()
+def matmul_peak(dtype, devices, n: int = 2048, reps: int = 7) -> float:
+    """Best GFLOP/s of n x n x n matmuls with `dtype` operands and float32 accumulation, one per
+    device of `devices`, all at once."""
+    mesh = mesh_lib.make(-1, 1, devices)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    a = jax.device_put(jnp.ones((len(devices), n, n), dtype), sharding)
+    f = jax.jit(lambda a, b: jnp.einsum("bij,bjk->bik", a, b, preferred_element_type=jnp.float32))
+    f(a, a).block_until_ready()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        f(a, b).block_until_ready()
+        f(a, a).block_until_ready()
         times.append(time.perf_counter() - t0)
-    return 2 * n**3 / min(times) / 1e9
+    return 2 * len(devices) * n**3 / min(times) / 1e9
 
 
 # (label, model size, model options, image shape, global batch)
@@ -83,12 +93,12 @@ MODELS = [
 ]
 
 
-def time_step(size, options, image_shape, batch_size, steps):
+def time_step(size, options, image_shape, batch_size, steps, devices):
     config = fashion_mnist.get_config()
     config.model.name = size
     config.model.options.update(options)
     config.data.global_batch_size = batch_size
-    mesh = mesh_lib.make(-1, 1)
+    mesh = mesh_lib.make(-1, 1, devices)
     run = loop.build(config, mesh, image_shape, 10)
     state = run.init()
     rng = np.random.default_rng(0)
@@ -102,7 +112,7 @@ def time_step(size, options, image_shape, batch_size, steps):
     compiled = run.train_step.lower(state, batch).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost["flops"]) * (mesh.devices.size if mesh.devices.size > 1 else 1)
+    flops = float(cost["flops"]) * mesh.devices.size
     state, _ = run.train_step(state, batch)  # warm-up
     jax.block_until_ready(state)
     times = []
@@ -134,50 +144,70 @@ def real_loop(steps: int) -> dict:
 
 
 def main():
-    peaks = {"float32": matmul_peak(jnp.float32), "bfloat16": matmul_peak(jnp.bfloat16)}
+    all_devices = jax.devices()
+    meshes = sorted({1, len(all_devices)})
+    measured = {
+        precision: {n: matmul_peak(dtype, all_devices[:n]) for n in meshes}
+        for precision, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16))
+    }
+    peaks = {precision: max(by_mesh.values()) for precision, by_mesh in measured.items()}
     rows = []
     for label, size, options, image_shape, batch_size in MODELS:
-        seconds, flops, num_params = time_step(size, options, image_shape, batch_size, ARGS.steps)
-        precision = options.get("dtype", "float32")
-        achieved = flops / seconds / 1e9
-        rows.append(
-            {
-                "model": label,
-                "params_m": num_params / 1e6,
-                "batch": batch_size,
-                "step_ms": seconds * 1e3,
-                "images_per_sec": batch_size / seconds,
-                "gflop_per_step": flops / 1e9,
-                "gflops": achieved,
-                "precision": precision,
-                "peak_gflops": peaks[precision],
-                "utilisation": achieved / peaks[precision],
-            }
-        )
+        for n in meshes:
+            seconds, flops, num_params = time_step(
+                size, options, image_shape, batch_size, ARGS.steps, all_devices[:n]
+            )
+            precision = options.get("dtype", "float32")
+            achieved = flops / seconds / 1e9
+            rows.append(
+                {
+                    "model": label,
+                    "devices": n,
+                    "params_m": num_params / 1e6,
+                    "batch": batch_size,
+                    "step_ms": seconds * 1e3,
+                    "images_per_sec": batch_size / seconds,
+                    "gflop_per_step": flops / 1e9,
+                    "gflops": achieved,
+                    "precision": precision,
+                    "peak_gflops": peaks[precision],
+                    "utilisation": achieved / peaks[precision],
+                }
+            )
     loop_stats = real_loop(ARGS.loop_steps)
 
-    print(f"\ndevices: {jax.device_count()} x {jax.devices()[0].device_kind}")
-    print(
-        f"matmul peak (2048^3, float32 accumulation): float32 {peaks['float32']:.0f} GFLOP/s, "
-        f"bfloat16 operands {peaks['bfloat16']:.0f} GFLOP/s\n"
-    )
-    header = f"{'model':38s} {'params':>7s} {'batch':>5s} {'step ms':>8s} {'img/s':>7s} "
-    header += f"{'GFLOP/step':>10s} {'GFLOP/s':>8s} {'util':>6s}"
+    print(f"\nhost devices: {len(all_devices)} x {all_devices[0].device_kind}")
+    print("matmul peak (2048^3, float32 accumulation), GFLOP/s:")
+    for precision, by_mesh in measured.items():
+        cells = ", ".join(f"{by_mesh[n]:.0f} on {n} device(s)" for n in meshes)
+        print(f"  {precision:9s} {cells} -> peak {peaks[precision]:.0f}")
+    header = f"\n{'model':38s} {'dev':>3s} {'params':>7s} {'batch':>5s} {'step ms':>8s} "
+    header += f"{'img/s':>7s} {'GFLOP/step':>10s} {'GFLOP/s':>8s} {'util':>6s}"
     print(header)
     for r in rows:
         print(
-            f"{r['model']:38s} {r['params_m']:6.2f}M {r['batch']:5d} {r['step_ms']:8.1f} "
-            f"{r['images_per_sec']:7.1f} {r['gflop_per_step']:10.2f} {r['gflops']:8.1f} "
-            f"{r['utilisation']:6.1%}"
+            f"{r['model']:38s} {r['devices']:3d} {r['params_m']:6.2f}M {r['batch']:5d} "
+            f"{r['step_ms']:8.1f} {r['images_per_sec']:7.1f} {r['gflop_per_step']:10.2f} "
+            f"{r['gflops']:8.1f} {r['utilisation']:6.1%}"
         )
     print(
-        f"\nreal loop (Fashion-MNIST, default config, {ARGS.loop_steps} steps): input wait "
-        f"{loop_stats['input_wait_fraction']:.2%} of wall time, "
-        f"{loop_stats['images_per_sec']:.1f} images/s"
+        f"\nreal loop (Fashion-MNIST, default config, {len(all_devices)} devices, "
+        f"{ARGS.loop_steps} steps): input wait {loop_stats['input_wait_fraction']:.2%} of wall "
+        f"time, {loop_stats['images_per_sec']:.1f} images/s"
     )
     with open(ARGS.out, "w", encoding="utf-8") as f:
         json.dump(
-            {"devices": jax.device_count(), "peaks": peaks, "models": rows, "loop": loop_stats},
+            {
+                "command": "python benchmarks/train_throughput.py "
+                + " ".join(f"--{k}={v}" for k, v in vars(ARGS).items() if k != "out"),
+                "devices": len(all_devices),
+                "peaks_measured": {
+                    p: {str(n): v for n, v in m.items()} for p, m in measured.items()
+                },
+                "peaks": peaks,
+                "models": rows,
+                "loop": loop_stats,
+            },
             f,
             indent=2,
         )

@@ -374,6 +374,31 @@ def test_conv_as_matmul_equals_convolution():
         )
 
 
+def test_upsample_conv_equals_upsampling_then_convolution():
+    """The folded form gives the values and gradients of nearest x2 upsampling + 3x3 conv."""
+    x = jax.random.normal(KEY, (2, 5, 7, 6))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 6, 4))
+
+    def ref(x, kernel):
+        up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return jax.lax.conv_general_dilated(
+            up, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    def loss(fn):
+        return lambda x, kernel: jnp.sum(jnp.sin(fn(x, kernel)))
+
+    folded = functools.partial(layers.upsample_conv, dtype=jnp.float32)
+    out = jit(folded)(x, kernel)
+    assert out.shape == (2, 10, 14, 4)
+    np.testing.assert_allclose(out, ref(x, kernel), atol=1e-4)
+    grads = jit(jax.grad(loss(folded), argnums=(0, 1)))(x, kernel)
+    for g, r in zip(grads, jax.grad(loss(ref), argnums=(0, 1))(x, kernel), strict=True):
+        np.testing.assert_allclose(g, r, atol=1e-3)
+    with pytest.raises(ValueError, match="3x3"):
+        layers.upsample_conv(x, kernel[:1], jnp.float32)
+
+
 def test_matmul_gradients_in_both_precisions():
     a = jax.random.normal(KEY, (2, 3, 16, 8))
     b = jax.random.normal(jax.random.key(1), (2, 3, 8, 12))

@@ -140,15 +140,63 @@ def conv_as_matmul(x: Array, kernel: Array, dtype: Dtype) -> Array:
     return sum(rows[:, i : i + H, :, i] for i in range(k))
 
 
+# Row (and column) folding of a 3x3 kernel applied after nearest x2 upsampling: output phase a
+# (even or odd row) reads low-resolution rows i - 1 + a + u, u in {0, 1}, through taps
+# FOLD[a][u] of the kernel.
+_FOLD = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+
+def upsample_conv(x: Array, kernel: Array, dtype: Dtype) -> Array:
+    """Nearest-neighbour x2 upsampling followed by a 3x3 'SAME' convolution, without upsampling.
+
+    Each of the four output phases (row parity a, column parity b) is a 2x2 convolution of the
+    low-resolution input with the 3x3 kernel's taps summed where two of them read the same
+    low-resolution pixel. The four run as one batched matmul over [phase, pixels, 4C] taps:
+    16 instead of 36 multiply-adds per low-resolution pixel and channel pair (2.25x fewer FLOPs,
+    and the upsampled input is never written).
+
+    Args:
+      x: [B, h, w, C] float32.
+      kernel: [3, 3, C, C_out] float32 (the kernel of the equivalent convolution at 2h x 2w).
+      dtype: operand dtype of the matmul.
+    Returns:
+      [B, 2h, 2w, C_out] float32, equal to conv(repeat(repeat(x, 2, 1), 2, 2), kernel).
+    """
+    B, h, w, C = x.shape
+    if kernel.shape[:2] != (3, 3):
+        raise ValueError(f"upsample_conv needs a 3x3 kernel; got {kernel.shape}.")
+    out = kernel.shape[-1]
+    fold = jnp.asarray(_FOLD, jnp.float32)  # [a, u, tap]
+    # [a, b, u, v, C, C_out]
+    kernels = jnp.einsum("aud,bve,deco->abuvco", fold, fold, kernel)
+    padded = jnp.pad(x.astype(dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    taps = jnp.stack(
+        [
+            jnp.concatenate(
+                [padded[:, a + u : a + u + h, b + v : b + v + w] for u in (0, 1) for v in (0, 1)],
+                axis=-1,
+            ).reshape(B * h * w, 4 * C)
+            for a in (0, 1)
+            for b in (0, 1)
+        ]
+    )  # [phase (a, b), B h w, (u, v, C)]
+    y = matmul(taps, kernels.reshape(4, 4 * C, out), dtype)  # [phase, B h w, C_out]
+    y = y.reshape(2, 2, B, h, w, out).transpose(2, 3, 0, 4, 1, 5)
+    return y.reshape(B, 2 * h, 2 * w, out)
+
+
 class Conv(nn.Module):
     """2-D convolution, NHWC, 'SAME' padding; float32 accumulation and output.
 
     With bfloat16 operands on CPU, stride-1 convolutions run as a matmul (`conv_as_matmul`).
+    With `upsample`, the input is first upsampled x2 (nearest neighbour), computed folded into
+    the convolution (`upsample_conv`); the parameters are those of the plain convolution.
 
     Attributes:
       features: output channels.
       kernel_size: square kernel side.
       strides: stride along both spatial axes.
+      upsample: nearest x2 upsampling before the convolution (3x3, stride 1 only).
       dtype: operand dtype (float32 or bfloat16).
       kernel_init: initialiser of the [k, k, in, features] kernel.
     """
@@ -156,6 +204,7 @@ class Conv(nn.Module):
     features: int
     kernel_size: int = 3
     strides: int = 1
+    upsample: bool = False
     dtype: Dtype = jnp.float32
     kernel_init: Initializer = default_kernel_init
 
@@ -166,7 +215,11 @@ class Conv(nn.Module):
             "kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32
         )
         as_matmul = jnp.dtype(self.dtype) == jnp.bfloat16 and jax.default_backend() == "cpu"
-        if as_matmul and self.strides == 1 and k % 2:
+        if self.upsample:
+            if self.strides != 1:
+                raise ValueError(f"an upsampling Conv has stride 1; got {self.strides}.")
+            y = upsample_conv(x, kernel, self.dtype)
+        elif as_matmul and self.strides == 1 and k % 2:
             y = conv_as_matmul(x, kernel, self.dtype)
         else:
             y = jax.lax.conv_general_dilated(

@@ -12,7 +12,8 @@ blocks, each followed by self-attention where l is in attn_levels, then a stride
 downsample (not after the last level); the middle: ResBlock, then middle_blocks times
 (attention, ResBlock); the decoder mirrors the encoder with res_blocks[l] + 1 blocks per level,
 each taking one encoder activation as skip (concatenated, or with skip='add' added after a 1x1
-projection where the widths differ), then nearest-neighbour x2 upsampling and a conv; out:
+projection where the widths differ), then nearest-neighbour x2 upsampling and a conv (computed
+folded, `layers.upsample_conv`); out:
 GroupNorm, SiLU (the features), conv to z's channels (zero initialised).
 """
 
@@ -226,8 +227,7 @@ class UNet(nn.Module):
                 if level in self.attn_levels:
                     h = attend(h)
             if level:
-                h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
-                h = Conv(widths[level], dtype=self.dtype)(h)
+                h = Conv(widths[level], upsample=True, dtype=self.dtype)(h)
 
         features = nn.silu(group_norm(self.base, self.norm_groups)(h))
         out = Conv(C, dtype=self.dtype, kernel_init=zeros, name="conv_out")(features)
