@@ -140,10 +140,26 @@ def conv_as_matmul(x: Array, kernel: Array, dtype: Dtype) -> Array:
     return sum(rows[:, i : i + H, :, i] for i in range(k))
 
 
-# Row (and column) folding of a 3x3 kernel applied after nearest x2 upsampling: output phase a
-# (even or odd row) reads low-resolution rows i - 1 + a + u, u in {0, 1}, through taps
-# FOLD[a][u] of the kernel.
-_FOLD = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+# Nearest x2 upsampling then a 3x3 kernel: output row phase a (even, odd) reads low-resolution
+# rows i - 1 + a + u, u in {0, 1}, through the kernel taps _FOLD[a][u] (summed).
+_FOLD = (((0,), (1, 2)), ((0, 1), (2,)))
+
+
+def _fold_kernel(kernel: Array) -> Array:
+    """[3, 3, C, C_out] -> [a, b, u, v, C, C_out]: the 2x2 kernel of each output phase (a, b)."""
+    return jnp.stack(
+        [
+            jnp.stack(
+                [
+                    sum(kernel[i, j] for i in _FOLD[a][u] for j in _FOLD[b][v])
+                    for u in (0, 1)
+                    for v in (0, 1)
+                ]
+            )
+            for a in (0, 1)
+            for b in (0, 1)
+        ]
+    ).reshape(2, 2, 2, 2, *kernel.shape[2:])
 
 
 def upsample_conv(x: Array, kernel: Array, dtype: Dtype) -> Array:
@@ -166,9 +182,7 @@ def upsample_conv(x: Array, kernel: Array, dtype: Dtype) -> Array:
     if kernel.shape[:2] != (3, 3):
         raise ValueError(f"upsample_conv needs a 3x3 kernel; got {kernel.shape}.")
     out = kernel.shape[-1]
-    fold = jnp.asarray(_FOLD, jnp.float32)  # [a, u, tap]
-    # [a, b, u, v, C, C_out]
-    kernels = jnp.einsum("aud,bve,deco->abuvco", fold, fold, kernel)
+    kernels = _fold_kernel(kernel)  # [a, b, u, v, C, C_out]
     padded = jnp.pad(x.astype(dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
     taps = jnp.stack(
         [
