@@ -59,13 +59,14 @@ def _matmul(a: Array, b: Array, dtype: Dtype) -> Array:
 
 
 def _matmul_fwd(a: Array, b: Array, dtype: Dtype):
-    return _dot(a, b, (-1, -2), dtype), (a, b.astype(dtype))
+    a, b = a.astype(dtype), b.astype(dtype)
+    return _dot(a, b, (-1, -2), dtype), (a, b)
 
 
 def _matmul_bwd(dtype: Dtype, res, g: Array):
     a, b = res
     g = g.astype(dtype)
-    return _dot(g, b, (-1, -1), dtype).astype(a.dtype), _dot_tn(a, g, dtype)
+    return _dot(g, b, (-1, -1), dtype), _dot_tn(a, g, dtype)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -74,11 +75,13 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 def matmul(a: Array, b: Array, dtype: Dtype = jnp.float32) -> Array:
     """a [..., M, K] @ b [..., K, N] -> [..., M, N] float32, operands in `dtype` in both passes.
 
-    a and b have the same leading batch axes; products accumulate in float32. The gradient
-    reaching `a` (activations) is rounded to `dtype`, as with autocast; `b`'s (usually a
-    float32 kernel) stays float32.
+    a and b have the same leading batch axes; products accumulate in float32 and both gradients
+    are float32 (the operands are rounded to `dtype` inside, so the bf16 copies are what the
+    backward pass keeps). Returning the activations' gradient in float32 rather than rounded to
+    bf16 is also faster on CPU: the element-wise gradient work after it (the transposes of pads,
+    slices and concatenations) runs in native float32 instead of emulated bf16.
     """
-    return _matmul(a.astype(dtype), b.astype(jnp.float32), jnp.dtype(dtype))
+    return _matmul(a.astype(jnp.float32), b.astype(jnp.float32), jnp.dtype(dtype))
 
 
 def to_rank(v: Array, ndim: int) -> Array:
@@ -132,7 +135,7 @@ def conv_as_matmul(x: Array, kernel: Array, dtype: Dtype) -> Array:
     B, H, W, C = x.shape
     k, out = kernel.shape[0], kernel.shape[-1]
     p = k // 2
-    padded = jnp.pad(x.astype(dtype), ((0, 0), (0, 0), (p, p), (0, 0)))
+    padded = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, 0), (p, p), (0, 0)))
     taps = jnp.concatenate([padded[:, :, j : j + W] for j in range(k)], axis=-1)
     weights = kernel.transpose(1, 2, 0, 3).reshape(k * C, k * out)  # [(j, c), (i, o)]
     rows = matmul(taps.reshape(-1, k * C), weights, dtype).reshape(B, H, W, k, out)
