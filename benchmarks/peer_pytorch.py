@@ -168,9 +168,9 @@ def main() -> None:
             runs[label], sizes["apd"] = apd_step(*spec["apd"], dtype, *common)
         for label, bf16 in (("torch float32", False), ("torch bf16 autocast", True)):
             runs[label], sizes["torch"] = torch_step(spec["torch"], bf16, *common)
-        for _ in range(2):  # compile and warm up (jit compiles again for the updated state)
-            for run in runs.values():
-                run()
+        # Compile and warm up: two discarded round-robin passes (jit compiles again for the
+        # updated state, and each framework's first call after the other's is slow once).
+        round_robin(runs, 2)
         times = round_robin(runs, args.reps)
         medians = {label: statistics.median(ts) for label, ts in times.items()}
         minima = {label: min(ts) for label, ts in times.items()}
