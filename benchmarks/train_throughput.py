@@ -59,8 +59,7 @@ FMNIST = "/usr/share/datasets/fashion-mnist"
 def matmul_peak(dtype, devices, n: int = 2048, reps: int = 7) -> float:
     """Best GFLOP/s of n x n x n matmuls with `dtype` operands and float32 accumulation, one per
     device of `devices`, all at once."""
-    mesh = mesh_lib.make(-1, 1, devices)
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    sharding = mesh_lib.batch_sharding(mesh_lib.make(-1, 1, devices))
     a = jax.device_put(jnp.ones((len(devices), n, n), dtype), sharding)
     f = jax.jit(lambda a, b: jnp.einsum("bij,bjk->bik", a, b, preferred_element_type=jnp.float32))
     f(a, a).block_until_ready()
@@ -153,11 +152,11 @@ def main():
     peaks = {precision: max(by_mesh.values()) for precision, by_mesh in measured.items()}
     rows = []
     for label, size, options, image_shape, batch_size in MODELS:
+        precision = options.get("dtype", "float32")
         for n in meshes:
             seconds, flops, num_params = time_step(
                 size, options, image_shape, batch_size, ARGS.steps, all_devices[:n]
             )
-            precision = options.get("dtype", "float32")
             achieved = flops / seconds / 1e9
             rows.append(
                 {
