@@ -446,3 +446,21 @@ def test_uncertainty_head_reads_frozen_features(patch, width):
     moved = run(features, levels.at[0, 3, 3].set(0.0))
     diff = np.asarray(jnp.abs(moved - out))
     assert diff[0, 3, 3] > 0 and diff[1:].max() == 0.0
+
+
+def test_conv_output_dtype_is_bf16_only_for_bf16_on_gpu():
+    assert layers.conv_output_dtype(jnp.bfloat16, "gpu") == jnp.bfloat16
+    for dtype, backend in [(jnp.float32, "gpu"), (jnp.bfloat16, "cpu"), (jnp.bfloat16, "tpu")]:
+        assert layers.conv_output_dtype(dtype, backend) == jnp.float32
+
+
+def test_fused_attention_matches_explicit_attention():
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 19, 4, 8))
+    explicit = layers.explicit_attention(q, k, v, jnp.float32)
+    fused = layers.fused_attention(q, k, v, jnp.float32, implementation="xla")
+    assert fused.dtype == jnp.float32
+    np.testing.assert_allclose(fused, explicit, atol=1e-5)
+    # Off GPU, `attention` is the explicit form (float32 logits) in every precision.
+    np.testing.assert_array_equal(
+        layers.attention(q, k, v, jnp.bfloat16), layers.explicit_attention(q, k, v, jnp.bfloat16)
+    )

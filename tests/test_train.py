@@ -260,3 +260,22 @@ def test_two_processes_match_one(data_path, tmp_path):
     assert step == 4
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_single), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_builder_needs_no_data_or_logging_stack():
+    """`builder.build` compiles the real step on bare CUDA images (benchmarks/gpu_check.sh):
+    importing it must not pull in grain, TFDS, TensorFlow, clu or Orbax."""
+    heavy = ["grain", "tensorflow", "tensorflow_datasets", "clu", "orbax"]
+    code = (
+        "import sys; import apd.training.builder, experiments.fashion_mnist; "
+        f"print([m for m in {heavy!r} if m in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

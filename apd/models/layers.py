@@ -202,10 +202,25 @@ def upsample_conv(x: Array, kernel: Array, dtype: Dtype) -> Array:
     return y.reshape(B, 2 * h, 2 * w, out)
 
 
+def conv_output_dtype(dtype: Dtype, backend: str | None = None) -> jnp.dtype:
+    """The dtype a convolution with `dtype` operands writes (then cast to float32).
+
+    float32 everywhere except bf16 operands on GPU: cuDNN has no bf16-input, float32-output
+    convolution, so XLA would run the whole convolution in float32 (TF32 tensor-core kernels,
+    half the bf16 rate, twice the memory traffic; seen in a profile of the 60M U-Net on an H200).
+    There the bf16 kernels accumulate in float32 and round the output to bf16.
+    """
+    backend = jax.default_backend() if backend is None else backend
+    if jnp.dtype(dtype) == jnp.bfloat16 and backend == "gpu":
+        return jnp.dtype(jnp.bfloat16)
+    return jnp.dtype(jnp.float32)
+
+
 class Conv(nn.Module):
     """2-D convolution, NHWC, 'SAME' padding; float32 accumulation and output.
 
-    With bfloat16 operands on CPU, stride-1 convolutions run as a matmul (`conv_as_matmul`).
+    With bfloat16 operands on CPU, stride-1 convolutions run as a matmul (`conv_as_matmul`); on
+    GPU they write bf16 before the cast to float32 (`conv_output_dtype`).
     With `upsample`, the input is first upsampled x2 (nearest neighbour), computed folded into
     the convolution (`upsample_conv`); the parameters are those of the plain convolution.
 
@@ -245,8 +260,8 @@ class Conv(nn.Module):
                 window_strides=(self.strides, self.strides),
                 padding="SAME",
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                preferred_element_type=jnp.float32,
-            )
+                preferred_element_type=conv_output_dtype(self.dtype),
+            ).astype(jnp.float32)
         return y + to_rank(self.param("bias", zeros, (self.features,), jnp.float32), 4)
 
 
@@ -261,8 +276,8 @@ def group_norm(num_channels: int, groups: int, affine: bool = True) -> nn.GroupN
     )
 
 
-def attention(q: Array, k: Array, v: Array, dtype: Dtype) -> Array:
-    """Softmax attention, batched matmuls in (B, heads, N, head_dim) layout.
+def explicit_attention(q: Array, k: Array, v: Array, dtype: Dtype) -> Array:
+    """Softmax attention as two batched matmuls in (B, heads, N, head_dim) layout.
 
     Args:
       q, k, v: [B, N, heads, head_dim] float32.
@@ -275,6 +290,33 @@ def attention(q: Array, k: Array, v: Array, dtype: Dtype) -> Array:
     logits = matmul(q, jnp.swapaxes(k, -1, -2), dtype)
     out = matmul(jax.nn.softmax(logits, axis=-1), v, dtype)
     return jnp.swapaxes(out, 1, 2)
+
+
+def fused_attention(q: Array, k: Array, v: Array, dtype: Dtype, implementation=None) -> Array:
+    """`jax.nn.dot_product_attention` on `dtype` operands, float32 output; same layout as above.
+
+    On GPU with bf16 operands, implementation="cudnn" is cuDNN's fused (flash) attention: the
+    [N, N] logits never reach memory and the softmax is computed in float32 inside the kernel.
+    """
+    out = jax.nn.dot_product_attention(
+        q.astype(dtype), k.astype(dtype), v.astype(dtype), implementation=implementation
+    )
+    return out.astype(jnp.float32)
+
+
+def attention(q: Array, k: Array, v: Array, dtype: Dtype) -> Array:
+    """Softmax attention [B, N, heads, head_dim] float32 -> same, operands in `dtype`.
+
+    GPU with bf16 operands: cuDNN's fused attention where it supports the shapes (float32 softmax
+    inside the kernel). Everywhere else, and as the fallback: `explicit_attention`, whose logits
+    and softmax are float32 (XLA's own dot_product_attention would keep bf16 logits).
+    """
+    if jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "gpu":
+        try:
+            return fused_attention(q, k, v, dtype, implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError):  # shapes cuDNN does not take
+            pass
+    return explicit_attention(q, k, v, dtype)
 
 
 class SelfAttention(nn.Module):

@@ -9,8 +9,6 @@ checkpoint as the latest):
          a checkpoint from a different model is refused with a clear message.
 """
 
-import hashlib
-import json
 import os
 from typing import Any
 
@@ -19,25 +17,13 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from apd.training.builder import model_description  # noqa: F401  (stored with checkpoints)
+
 CHECKPOINT_DIR = "checkpoints"
 
 
 class IncompatibleCheckpointError(ValueError):
     """The checkpoint in the workdir was written by a different model."""
-
-
-def model_description(model_config: dict, abstract_params: Any) -> dict:
-    """Name, options and a hash of the parameter tree's shapes, stored with every checkpoint."""
-    shapes = {
-        jax.tree_util.keystr(path): [list(leaf.shape), str(leaf.dtype)]
-        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params)
-    }
-    digest = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
-    return {
-        "model": model_config,
-        "num_params": int(sum(int(leaf.size) for leaf in jax.tree.leaves(abstract_params))),
-        "param_shapes_sha256": digest,
-    }
 
 
 class Checkpointer:

@@ -1,28 +1,24 @@
 """`train_and_evaluate(config, workdir)`: the whole training run, resumable from its workdir."""
 
-import dataclasses
 import os
 import signal
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections as mc
 import numpy as np
 from absl import logging
 from clu import parameter_overview, periodic_actions
 
 from apd import data as data_lib
-from apd import models, plans
+from apd import plans
 from apd.sampling import images as sample_images
 from apd.training import checkpoint as checkpoint_lib
 from apd.training import mesh as mesh_lib
 from apd.training import metrics as metrics_lib
-from apd.training import optim
-from apd.training import state as state_lib
 from apd.training import step as step_lib
+from apd.training.builder import Run, build, global_batch  # noqa: F401  (loop.build etc.)
 
 
 class _Preemption:
@@ -57,80 +53,6 @@ def write_config(config: mc.ConfigDict, workdir: str) -> None:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
-
-def build_model(config: mc.ConfigDict, num_classes: int):
-    return models.build(
-        config.model.name, num_classes=num_classes, **config.model.options.to_dict()
-    )
-
-
-def abstract_state(model, tx, image_shape, num_classes: int, seed: int):
-    """The TrainState's shapes and dtypes (jax.eval_shape), nothing allocated."""
-
-    def init(key):
-        z = jnp.zeros((1, *image_shape), jnp.float32)
-        levels = jnp.zeros((1, *image_shape[:-1]), jnp.float32)
-        labels = jnp.zeros((1,), jnp.int32) if num_classes else None
-        params = model.init({"params": key}, z, levels, labels)["params"]
-        return state_lib.TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            ema_params=params,
-            opt_state=tx.init(params),
-            rng=jax.random.key_data(jax.random.key(seed)),
-        )
-
-    return init, jax.eval_shape(init, jax.random.key(seed))
-
-
-def global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-    """Per-process numpy batches -> global arrays sharded over the mesh's batch axes."""
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
-    }
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """What a training run compiles: the model, its sharded state layout and the jitted step."""
-
-    model: Any
-    init: Callable[[], state_lib.TrainState]
-    abstract_state: state_lib.TrainState  # ShapeDtypeStructs carrying their shardings
-    train_step: Callable
-    batch_sharding: jax.sharding.NamedSharding
-    description: dict
-
-
-def build(config: mc.ConfigDict, mesh, image_shape: tuple[int, ...], num_classes: int) -> Run:
-    """Builds the model, the sharded state layout (nothing allocated) and the jitted step."""
-    model = build_model(config, num_classes)
-    tx = optim.make(config.optimizer, config.total_steps)
-    init_fn, abstract = abstract_state(model, tx, image_shape, num_classes, config.seed)
-    shardings = models.param_shardings(abstract, mesh)
-    batch_sharding = mesh_lib.batch_sharding(mesh)
-    train_step = jax.jit(
-        step_lib.make_train_step(
-            model, tx, config, tuple(image_shape[:-1]), num_classes, batch_sharding=batch_sharding
-        ),
-        in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, mesh_lib.replicated(mesh)),
-        donate_argnums=0,
-    )
-    init = jax.jit(init_fn, out_shardings=shardings)
-    return Run(
-        model=model,
-        init=lambda: init(jax.random.key(config.seed)),
-        abstract_state=jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-        ),
-        train_step=train_step,
-        batch_sharding=batch_sharding,
-        description=checkpoint_lib.model_description(
-            config.model.to_dict() | {"num_classes": num_classes}, abstract.params
-        ),
-    )
 
 
 def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict[str, Any]:
