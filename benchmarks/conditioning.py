@@ -16,14 +16,13 @@ ratios, and XLA's own count of floating-point operations and bytes accessed for 
 """
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
+import report
 
 from apd import models
 
@@ -123,17 +122,8 @@ def main() -> None:
                 f"{cost['gbyte']:>6.2f} {cost['gbyte'] / base['gbyte']:>6.3f}",
                 flush=True,
             )
-    record = {
-        "command": "python benchmarks/conditioning.py "
-        + " ".join(f"--{k}={v}" for k, v in vars(args).items() if k != "out" and v is not None),
-        "jax": jax.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "results": results,
-    }
-    with open(out, "w") as f:
-        json.dump(record, f, indent=2)
-    print(f"\nwrote {out}")
+    print()
+    report.write(out, {"results": results}, args)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Prints tables and writes JSON.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
+import report
 from jax import lax
 
 from apd.models import layers
@@ -131,7 +131,7 @@ def main():
         torch.set_num_threads(os.cpu_count() or 1)
     except ImportError:
         torch = None
-    record = {"command": f"python benchmarks/cpu_conv_paths.py --reps={args.reps}"}
+    record = {}
 
     print("matmul GFLOP/s (float32 accumulation)")
     matmuls = []
@@ -196,9 +196,7 @@ def main():
         print(f"  {name:32s} {grads[name]:.0f}")
     record["weight_grad_gflops"] = grads
 
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-    print(f"wrote {args.out}")
+    report.write(args.out, record, args)
 
 
 if __name__ == "__main__":

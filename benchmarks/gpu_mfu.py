@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import glob
 import gzip
-import json
 import os
 import shutil
 import sys
@@ -37,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import jax.numpy as jnp
 import numpy as np
+import report
 
 from apd.models import layers
 from apd.training import builder
@@ -164,7 +164,6 @@ def main():
         peak = measured
         print("unknown chip: MFU is relative to the measured matmul rate")
     result = {
-        "command": "python benchmarks/gpu_mfu.py " + " ".join(sys.argv[1:]),
         "device": kind,
         "versions": versions,
         "peak": peak,
@@ -212,8 +211,7 @@ def main():
                     f"{row['mfu']:6.1%}",
                     flush=True,
                 )
-                with open(args.out, "w", encoding="utf-8") as f:  # every row: a timeout keeps them
-                    json.dump(result, f, indent=2)
+                report.write(args.out, result, args)  # after every row: a timeout keeps them
 
 
 if __name__ == "__main__":

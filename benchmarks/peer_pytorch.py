@@ -23,14 +23,13 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import json
-import platform
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
+import report
 import torch
 from diffusers import DiTTransformer2DModel, UNet2DModel
 
@@ -204,19 +203,13 @@ def main() -> None:
         print(f"{'time ratio':<32} {'medians':>8} {'minima':>7}")
         for label in ratios["median"]:
             print(f"{label:<32} {ratios['median'][label]:>8.2f} {ratios['min'][label]:>7.2f}")
+    print()
     record = {
-        "command": "python benchmarks/peer_pytorch.py "
-        + " ".join(f"--{k}={v}" for k, v in vars(args).items() if k != "out" and v is not None),
-        "jax": jax.__version__,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
         "results": results,
     }
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=2)
-    print(f"\nwrote {args.out}")
+    report.write(args.out, record, args)
 
 
 if __name__ == "__main__":

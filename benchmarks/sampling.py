@@ -22,9 +22,7 @@ Timings are medians of --reps runs, variants interleaved round-robin.
 
 import argparse
 import functools
-import json
 import os
-import platform
 import statistics
 import time
 
@@ -32,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import report
 
 from apd import plans, sampling
 from apd.schedules import RectifiedFlow
@@ -329,22 +328,8 @@ def main() -> None:
             f"{row['kl_synchronous_at_mean_steps']:8.4f}"
         )
 
-    record = {
-        "benchmark": "sampling",
-        "command": "python benchmarks/sampling.py "
-        + " ".join(f"--{k}={v}" for k, v in vars(args).items() if k != "out"),
-        "machine": {
-            "platform": platform.platform(),
-            "device": jax.devices()[0].device_kind,
-            "cpu_count": os.cpu_count(),
-            "jax": jax.__version__,
-        },
-        "timing": timing,
-        "adaptive_vs_synchronous": adaptive,
-    }
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=2)
-    print(f"\nwrote {args.out}")
+    print()
+    report.write(args.out, {"timing": timing, "adaptive_vs_synchronous": adaptive}, args)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Prints a table and writes JSON.
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -47,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import report  # noqa: E402
 
 from apd.training import loop  # noqa: E402
 from apd.training import mesh as mesh_lib  # noqa: E402
@@ -194,23 +194,14 @@ def main():
         f"{ARGS.loop_steps} steps): input wait {loop_stats['input_wait_fraction']:.2%} of wall "
         f"time, {loop_stats['images_per_sec']:.1f} images/s"
     )
-    with open(ARGS.out, "w", encoding="utf-8") as f:
-        json.dump(
-            {
-                "command": "python benchmarks/train_throughput.py "
-                + " ".join(f"--{k}={v}" for k, v in vars(ARGS).items() if k != "out"),
-                "devices": len(all_devices),
-                "peaks_measured": {
-                    p: {str(n): v for n, v in m.items()} for p, m in measured.items()
-                },
-                "peaks": peaks,
-                "models": rows,
-                "loop": loop_stats,
-            },
-            f,
-            indent=2,
-        )
-    print(f"wrote {ARGS.out}")
+    record = {
+        "devices": len(all_devices),
+        "peaks_measured": {p: {str(n): v for n, v in m.items()} for p, m in measured.items()},
+        "peaks": peaks,
+        "models": rows,
+        "loop": loop_stats,
+    }
+    report.write(ARGS.out, record, ARGS)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ as one batched matmul. Prints median milliseconds and the plain/folded ratio; wr
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -19,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
+import report
 
 from apd.models import layers
 
@@ -72,9 +72,7 @@ def main():
             name = jnp.dtype(dtype).name
             rows.append({"shape": shape, "dtype": name, "plain_s": a, "folded_s": b})
             print(f"{shape!s:20s} {name:9s} {1e3 * a:9.1f} {1e3 * b:10.1f} {a / b:6.2f}")
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump({"command": "python benchmarks/upsample_conv.py", "rows": rows}, f, indent=2)
-    print(f"wrote {args.out}")
+    report.write(args.out, {"rows": rows}, args)
 
 
 if __name__ == "__main__":
