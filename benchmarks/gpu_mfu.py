@@ -1,11 +1,13 @@
 """bf16 training-step MFU of the 60M U-Net (64x64x3) and DiT-B/2 (32x32x4 latents) on one GPU.
 
-    python benchmarks/gpu_mfu.py [--steps=20] [--scale=1,4] [--variants=default,explicit-attention]
+    python benchmarks/gpu_mfu.py [--steps=20] [--scale=1,4] [--variants=default,...]
                                  [--trace-dir=DIR] [--out=FILE.json]
 
 Each model runs at its base batch (U-Net 64, DiT 128) times every factor in --scale, in every
-variant: `default` is apd as configured (on GPU with bf16: cuDNN fused attention),
-`explicit-attention` swaps in `layers.explicit_attention` (two matmuls, float32 softmax). The step
+variant that concerns it: `default` is apd as configured (on GPU with bf16: cuDNN fused
+attention, convolutions writing bf16), `explicit-attention` swaps in `layers.explicit_attention`
+(two matmuls, float32 softmax), `f32-conv-output` asks XLA for float32 convolution outputs (U-Net
+only; XLA then runs those convolutions wholly in float32). The step
 is apd's real jitted training step (`apd.training.builder.build`: level sampling, noising,
 forward, backward, AdamW, EMA), compiled once; only jax, flax, optax and ml_collections are
 needed.
@@ -51,9 +53,17 @@ MODELS = [  # label, size, image shape, base batch
     ("unet-60m 64x64x3", "unet-60m", (64, 64, 3), 64),
 ]
 
-VARIANTS = {
-    "default": contextlib.nullcontext,
-    "explicit-attention": lambda: mock.patch.object(layers, "attention", layers.explicit_attention),
+VARIANTS = {  # name -> (context manager that switches apd to it, the models it concerns)
+    "default": (contextlib.nullcontext, ("dit-b/2", "unet-60m")),
+    "explicit-attention": (
+        lambda: mock.patch.object(layers, "attention", layers.explicit_attention),
+        ("dit-b/2", "unet-60m"),
+    ),
+    # bf16 convolutions with a float32 output (what apd asked of XLA before conv_output_dtype).
+    "f32-conv-output": (
+        lambda: mock.patch.object(layers, "conv_output_dtype", lambda dtype: jnp.float32),
+        ("unet-60m",),
+    ),
 }
 
 
@@ -97,14 +107,14 @@ def step_flops(size, image_shape, batch_size) -> float:
 
     Lowered for the host CPU: jax's GPU backend returns no cost analysis for unoptimised programs.
     """
-    with VARIANTS["explicit-attention"]():
+    with VARIANTS["explicit-attention"][0]():
         run, batch = setup(size, image_shape, batch_size, jax.devices("cpu")[:1])
         cost = run.train_step.lower(run.abstract_state, batch).cost_analysis()
     return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
 
 def measure(size, image_shape, batch_size, variant, steps, trace_to=None):
-    with VARIANTS[variant]():
+    with VARIANTS[variant][0]():
         run, batch = setup(size, image_shape, batch_size)
         state = run.init()
         t0 = time.perf_counter()
@@ -179,6 +189,8 @@ def main():
             batch_size = base_batch * scale
             flops = step_flops(size, shape, batch_size)
             for variant in variants:
+                if size not in VARIANTS[variant][1]:
+                    continue
                 trace_to = None
                 if args.trace_dir and scale == max(scales) and variant == variants[0]:
                     name = size.replace("/", "")
