@@ -7,7 +7,8 @@ Each model runs at its base batch (U-Net 64, DiT 128) times every factor in --sc
 variant that concerns it: `default` is apd as configured (on GPU with bf16: cuDNN fused
 attention, convolutions writing bf16), `explicit-attention` swaps in `layers.explicit_attention`
 (two matmuls, float32 softmax), `f32-conv-output` asks XLA for float32 convolution outputs (U-Net
-only; XLA then runs those convolutions wholly in float32). The step
+only; XLA then runs those convolutions wholly in float32), `bf16-activations` keeps the DiT's
+activations in bf16 (`DiT(activation_dtype="bfloat16")`). The step
 is apd's real jitted training step (`apd.training.builder.build`: level sampling, noising,
 forward, backward, AdamW, EMA), compiled once; only jax, flax, optax and ml_collections are
 needed.
@@ -53,16 +54,25 @@ MODELS = [  # label, size, image shape, base batch
     ("unet-60m 64x64x3", "unet-60m", (64, 64, 3), 64),
 ]
 
-VARIANTS = {  # name -> (context manager that switches apd to it, the models it concerns)
-    "default": (contextlib.nullcontext, ("dit-b/2", "unet-60m")),
+# name -> (context manager that switches apd's code to it, the models it concerns, model options)
+VARIANTS = {
+    "default": (contextlib.nullcontext, ("dit-b/2", "unet-60m"), {}),
     "explicit-attention": (
         lambda: mock.patch.object(layers, "attention", layers.explicit_attention),
         ("dit-b/2", "unet-60m"),
+        {},
     ),
     # bf16 convolutions with a float32 output (what apd asked of XLA before conv_output_dtype).
     "f32-conv-output": (
         lambda: mock.patch.object(layers, "conv_output_dtype", lambda dtype: jnp.float32),
         ("unet-60m",),
+        {},
+    ),
+    # The DiT's residual stream, q/k/v and MLP hidden in bf16 (DiT(activation_dtype=...)).
+    "bf16-activations": (
+        contextlib.nullcontext,
+        ("dit-b/2",),
+        {"activation_dtype": "bfloat16"},
     ),
 }
 
@@ -85,10 +95,10 @@ def matmul_rate(n: int = 8192) -> float:
     return 2 * n**3 * 10 / (time.perf_counter() - t0)
 
 
-def setup(size, image_shape, batch_size, devices=None):
+def setup(size, image_shape, batch_size, devices=None, options=None):
     config = fashion_mnist.get_config()
     config.model.name = size
-    config.model.options.update({"dtype": "bfloat16"})
+    config.model.options.update({"dtype": "bfloat16", **(options or {})})
     config.data.global_batch_size = batch_size
     run = builder.build(config, mesh_lib.make(-1, 1, devices), image_shape, 1000)
     rng = np.random.default_rng(0)
@@ -115,7 +125,7 @@ def step_flops(size, image_shape, batch_size) -> float:
 
 def measure(size, image_shape, batch_size, variant, steps, trace_to=None):
     with VARIANTS[variant][0]():
-        run, batch = setup(size, image_shape, batch_size)
+        run, batch = setup(size, image_shape, batch_size, options=VARIANTS[variant][2])
         state = run.init()
         t0 = time.perf_counter()
         step = run.train_step.lower(state, batch).compile()

@@ -231,6 +231,31 @@ def test_dit_blocks_start_as_identity():
     np.testing.assert_array_equal(predict(model, params, z, levels, None), 0.0)
 
 
+def test_dit_bf16_activations_track_float32_activations():
+    """activation_dtype=bfloat16 keeps the residual stream, q/k/v and the MLP hidden in bf16;
+    outputs and gradients stay float32 and close to the float32-activation model's."""
+    model32, params, z, levels = tiny("dit", dtype="bfloat16")
+    model16 = models.build(TINY["dit"][0], dtype="bfloat16", activation_dtype="bfloat16")
+    target = jax.random.normal(jax.random.key(5), z.shape)
+
+    def loss(model, p):
+        return jnp.mean(jnp.square(model.apply({"params": p}, z, levels, None) - target))
+
+    (l32, g32), (l16, g16) = (
+        jit(jax.value_and_grad(functools.partial(loss, m)))(params) for m in (model32, model16)
+    )
+    out16 = predict(model16, params, z, levels, None)
+    assert out16.dtype == jnp.float32
+    rel = jnp.linalg.norm(out16 - predict(model32, params, z, levels, None))
+    assert float(rel / jnp.linalg.norm(predict(model32, params, z, levels, None))) < 0.03
+    assert abs(float(l16 - l32)) < 0.03 * float(l32)
+    for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32), strict=True):
+        assert a.dtype == jnp.float32
+        assert float(jnp.linalg.norm(a - b)) <= 0.05 * float(jnp.linalg.norm(b)) + 1e-6
+    with pytest.raises(ValueError, match="activation_dtype 'float16'"):
+        models.build(TINY["dit"][0], activation_dtype="float16").init(KEY, z, levels, None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Labels and input checks
 

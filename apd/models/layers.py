@@ -53,17 +53,17 @@ def _dot_tn(a: Array, b: Array, dtype: Dtype) -> Array:
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul(a: Array, b: Array, dtype: Dtype) -> Array:
-    return _dot(a, b, (-1, -2), dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul(a: Array, b: Array, dtype: Dtype, out_dtype: Dtype) -> Array:
+    return _dot(a, b, (-1, -2), dtype).astype(out_dtype)
 
 
-def _matmul_fwd(a: Array, b: Array, dtype: Dtype):
+def _matmul_fwd(a: Array, b: Array, dtype: Dtype, out_dtype: Dtype):
     a, b = a.astype(dtype), b.astype(dtype)
-    return _dot(a, b, (-1, -2), dtype), (a, b)
+    return _dot(a, b, (-1, -2), dtype).astype(out_dtype), (a, b)
 
 
-def _matmul_bwd(dtype: Dtype, res, g: Array):
+def _matmul_bwd(dtype: Dtype, out_dtype: Dtype, res, g: Array):
     a, b = res
     g = g.astype(dtype)
     return _dot(g, b, (-1, -1), dtype), _dot_tn(a, g, dtype)
@@ -72,16 +72,19 @@ def _matmul_bwd(dtype: Dtype, res, g: Array):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def matmul(a: Array, b: Array, dtype: Dtype = jnp.float32) -> Array:
-    """a [..., M, K] @ b [..., K, N] -> [..., M, N] float32, operands in `dtype` in both passes.
+def matmul(a: Array, b: Array, dtype: Dtype = jnp.float32, out_dtype: Dtype = jnp.float32) -> Array:
+    """a [..., M, K] @ b [..., K, N] -> [..., M, N] `out_dtype`, operands in `dtype` in both passes.
 
     a and b have the same leading batch axes; products accumulate in float32 and both gradients
     are float32 (the operands are rounded to `dtype` inside, so the bf16 copies are what the
     backward pass keeps). Returning the activations' gradient in float32 rather than rounded to
     bf16 is also faster on CPU: the element-wise gradient work after it (the transposes of pads,
-    slices and concatenations) runs in native float32 instead of emulated bf16.
+    slices and concatenations) runs in native float32 instead of emulated bf16. `out_dtype`
+    (float32 unless a model keeps bf16 activations) rounds the float32 accumulator on output.
     """
-    return _matmul(a.astype(jnp.float32), b.astype(jnp.float32), jnp.dtype(dtype))
+    return _matmul(
+        a.astype(jnp.float32), b.astype(jnp.float32), jnp.dtype(dtype), jnp.dtype(out_dtype)
+    )
 
 
 def to_rank(v: Array, ndim: int) -> Array:
@@ -97,21 +100,24 @@ class Dense(nn.Module):
       features: output width.
       use_bias: add a learned bias.
       dtype: operand dtype of the matmul (float32 or bfloat16).
+      out_dtype: output dtype (float32, or bfloat16 for models that keep bf16 activations).
       kernel_init: initialiser of the [in, features] kernel.
     """
 
     features: int
     use_bias: bool = True
     dtype: Dtype = jnp.float32
+    out_dtype: Dtype = jnp.float32
     kernel_init: Initializer = default_kernel_init
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-        y = matmul(x.reshape(-1, x.shape[-1]), kernel, self.dtype)
+        y = matmul(x.reshape(-1, x.shape[-1]), kernel, self.dtype, self.out_dtype)
         y = y.reshape(*x.shape[:-1], self.features)
         if self.use_bias:
-            y = y + to_rank(self.param("bias", zeros, (self.features,), jnp.float32), y.ndim)
+            bias = self.param("bias", zeros, (self.features,), jnp.float32)
+            y = y + to_rank(bias.astype(y.dtype), y.ndim)
         return y
 
 
@@ -280,20 +286,20 @@ def explicit_attention(q: Array, k: Array, v: Array, dtype: Dtype) -> Array:
     """Softmax attention as two batched matmuls in (B, heads, N, head_dim) layout.
 
     Args:
-      q, k, v: [B, N, heads, head_dim] float32.
-      dtype: operand dtype of the two matmuls; logits, softmax and output are float32.
+      q, k, v: [B, N, heads, head_dim] float32 (or bf16 activations).
+      dtype: operand dtype of the two matmuls; logits and softmax are float32.
     Returns:
-      [B, N, heads, head_dim] float32.
+      [B, N, heads, head_dim] in q's dtype.
     """
     scale = q.shape[-1] ** -0.5
     q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q * scale, k, v))
     logits = matmul(q, jnp.swapaxes(k, -1, -2), dtype)
-    out = matmul(jax.nn.softmax(logits, axis=-1), v, dtype)
+    out = matmul(jax.nn.softmax(logits, axis=-1), v, dtype, q.dtype)
     return jnp.swapaxes(out, 1, 2)
 
 
 def fused_attention(q: Array, k: Array, v: Array, dtype: Dtype, implementation=None) -> Array:
-    """`jax.nn.dot_product_attention` on `dtype` operands, float32 output; same layout as above.
+    """`jax.nn.dot_product_attention` on `dtype` operands, output in q's dtype; layout as above.
 
     On GPU with bf16 operands, implementation="cudnn" is cuDNN's fused (flash) attention: the
     [N, N] logits never reach memory and the softmax is computed in float32 inside the kernel.
@@ -301,11 +307,11 @@ def fused_attention(q: Array, k: Array, v: Array, dtype: Dtype, implementation=N
     out = jax.nn.dot_product_attention(
         q.astype(dtype), k.astype(dtype), v.astype(dtype), implementation=implementation
     )
-    return out.astype(jnp.float32)
+    return out.astype(q.dtype)
 
 
 def attention(q: Array, k: Array, v: Array, dtype: Dtype) -> Array:
-    """Softmax attention [B, N, heads, head_dim] float32 -> same, operands in `dtype`.
+    """Softmax attention [B, N, heads, head_dim] -> same shape and dtype, operands in `dtype`.
 
     GPU with bf16 operands: cuDNN's fused attention where it supports the shapes (float32 softmax
     inside the kernel). Everywhere else, and as the fallback: `explicit_attention`, whose logits
@@ -325,11 +331,14 @@ class SelfAttention(nn.Module):
     Attributes:
       num_heads: number of heads (D must be divisible by it).
       dtype: operand dtype of the matmuls.
+      activation_dtype: dtype of q, k, v and the output (float32, or bfloat16 in a model that
+        keeps bf16 activations).
       out_init: initialiser of the output projection (zeros in the U-Net's residual branch).
     """
 
     num_heads: int
     dtype: Dtype = jnp.float32
+    activation_dtype: Dtype = jnp.float32
     out_init: Initializer = default_kernel_init
 
     @nn.compact
@@ -337,7 +346,13 @@ class SelfAttention(nn.Module):
         B, N, D = x.shape
         if D % self.num_heads:
             raise ValueError(f"width {D} is not divisible by num_heads={self.num_heads}.")
-        qkv = Dense(3 * D, dtype=self.dtype, name="qkv")(x)
+        qkv = Dense(3 * D, dtype=self.dtype, out_dtype=self.activation_dtype, name="qkv")(x)
         q, k, v = jnp.split(qkv.reshape(B, N, 3, self.num_heads, D // self.num_heads), 3, axis=2)
         out = attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.dtype).reshape(B, N, D)
-        return Dense(D, dtype=self.dtype, kernel_init=self.out_init, name="out")(out)
+        return Dense(
+            D,
+            dtype=self.dtype,
+            out_dtype=self.activation_dtype,
+            kernel_init=self.out_init,
+            name="out",
+        )(out)
