@@ -32,6 +32,7 @@ from absl import flags, logging
 
 from apd import data as data_lib
 from apd import export, models, schedules
+from apd.training import builder
 from apd.training import checkpoint as checkpoint_lib
 
 Array = jax.Array
@@ -179,7 +180,7 @@ def _tuples(value: Any) -> Any:
 def _check_model(model: nn.Module, image_shape: tuple[int, ...], description: dict) -> None:
     """The rebuilt model must have the parameter shapes the checkpoint was written with."""
     abstract = models.abstract_params(model, tuple(image_shape))
-    digest = checkpoint_lib.model_description({}, abstract)["param_shapes_sha256"]
+    digest = builder.model_description({}, abstract)["param_shapes_sha256"]
     if digest != description.get("param_shapes_sha256"):
         raise ValueError(
             f"the model {description['model']} built by this code has other parameter shapes "

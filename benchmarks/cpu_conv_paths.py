@@ -35,16 +35,6 @@ DIMS = ("NHWC", "HWIO", "NHWC")
 CONV_SHAPES = [(2, 64, 64, 256), (2, 32, 32, 384), (2, 64, 64, 128)]
 
 
-def median_seconds(fn, *args, reps):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def torch_seconds(fn, reps):
     fn()
     times = []
@@ -140,7 +130,8 @@ def main():
         for name, dtype in (("float32", F32), ("bfloat16", BF16)):
             a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
             f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=F32))
-            row[f"xla {name}"] = 2 * m * k * n / median_seconds(f, a, b, reps=args.reps) / 1e9
+            seconds = report.median_seconds(f, a, b, reps=args.reps)
+            row[f"xla {name}"] = 2 * m * k * n / seconds / 1e9
             if torch is not None:
                 tdt = torch.float32 if dtype == F32 else torch.bfloat16
                 ta, tb = torch.ones(m, k, dtype=tdt), torch.ones(k, n, dtype=tdt)
@@ -167,8 +158,8 @@ def main():
                 )
             )
             row[name] = [
-                flops / median_seconds(fwd, x, kernel, reps=args.reps) / 1e9,
-                3 * flops / median_seconds(both, x, kernel, reps=args.reps) / 1e9,
+                flops / report.median_seconds(fwd, x, kernel, reps=args.reps) / 1e9,
+                3 * flops / report.median_seconds(both, x, kernel, reps=args.reps) / 1e9,
             ]
         if torch is not None:
             tx, tw = torch.randn(B, C, H, W), torch.randn(C, C, 3, 3)
@@ -192,7 +183,8 @@ def main():
     g = jax.random.normal(jax.random.key(1), (8192, 768)).astype(BF16)
     grads = {}
     for name, fn in weight_grad_forms().items():
-        grads[name] = 2 * 8192 * 768 * 768 / median_seconds(jax.jit(fn), a, g, reps=args.reps) / 1e9
+        seconds = report.median_seconds(jax.jit(fn), a, g, reps=args.reps)
+        grads[name] = 2 * 8192 * 768 * 768 / seconds / 1e9
         print(f"  {name:32s} {grads[name]:.0f}")
     record["weight_grad_gflops"] = grads
 

@@ -1,12 +1,14 @@
-"""What every benchmark script records beside its numbers: the command that reproduces them, every
-flag's value (defaults included) and the machine. `write(path, record, args)` adds these and
-writes the JSON."""
+"""Shared by the benchmark scripts: what each records beside its numbers (the command that
+reproduces them, every flag's value, defaults included, and the machine; `write(path, record,
+args)` adds these and writes the JSON) and `median_seconds`, the plain timing loop."""
 
 import argparse
 import json
 import os
 import platform
+import statistics
 import sys
+import time
 
 import jax
 
@@ -23,6 +25,17 @@ def command() -> str:
         elif not flag.startswith("--out="):
             flags.append(flag)
     return " ".join(["python", script, *flags])
+
+
+def median_seconds(fn, *args, reps: int) -> float:
+    """Median wall time of `fn(*args)` (blocked until ready) over `reps` calls after one warm-up."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def machine() -> dict:

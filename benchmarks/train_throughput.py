@@ -9,7 +9,7 @@ XLA's Eigen pool off as in `launch/quickstart.sh`: apd's setting for CPU hosts).
    float32 accumulation, square matrices, best of several runs: once on one device (XLA's
    matmul library spreads one product over every core) and once split over all devices; the
    larger of the two is the machine's peak.
-2. The jitted training step (apd.training.loop.build: level sampling, noising, forward, backward,
+2. The jitted training step (apd.training.builder.build: level sampling, noising, forward, backward,
    Adam, EMA) of each model below, side by side on a 1-device mesh and on a data-parallel mesh
    over all devices: its FLOPs from XLA's cost analysis (per device, times the devices), the
    median step time, and the FLOP utilisation against the machine's peak for the precision it
@@ -48,7 +48,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import report  # noqa: E402
 
-from apd.training import loop  # noqa: E402
+from apd.training import builder, loop  # noqa: E402
 from apd.training import mesh as mesh_lib  # noqa: E402
 from apd.training import metrics as metrics_lib  # noqa: E402
 from experiments import fashion_mnist  # noqa: E402
@@ -98,10 +98,10 @@ def time_step(size, options, image_shape, batch_size, steps, devices):
     config.model.options.update(options)
     config.data.global_batch_size = batch_size
     mesh = mesh_lib.make(-1, 1, devices)
-    run = loop.build(config, mesh, image_shape, 10)
+    run = builder.build(config, mesh, image_shape, 10)
     state = run.init()
     rng = np.random.default_rng(0)
-    batch = loop.global_batch(
+    batch = builder.global_batch(
         {
             "image": rng.uniform(-1, 1, (batch_size, *image_shape)).astype(np.float32),
             "label": rng.integers(0, 10, batch_size).astype(np.int32),

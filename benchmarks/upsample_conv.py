@@ -10,9 +10,7 @@ as one batched matmul. Prints median milliseconds and the plain/folded ratio; wr
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,13 +41,7 @@ def plain(x, kernel, dtype):
 
 def timed(fn, x, kernel, dtype, reps):
     grad = jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.square(fn(x, k, dtype))), argnums=(0, 1)))
-    jax.block_until_ready(grad(x, kernel))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(grad(x, kernel))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return report.median_seconds(grad, x, kernel, reps=reps)
 
 
 def main():

@@ -12,8 +12,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from apd.training import builder, loop
 from apd.training import checkpoint as checkpoint_lib
-from apd.training import loop
 from apd.training import mesh as mesh_lib
 from experiments import fashion_mnist
 
@@ -82,7 +82,7 @@ def test_sharded_step_matches_single_device(data_path):
         "mesh": (4, 2, jax.devices()),
     }.items():
         mesh = mesh_lib.make(data, fsdp, devices)
-        run = loop.build(config, mesh, (28, 28, 1), 10)
+        run = builder.build(config, mesh, (28, 28, 1), 10)
         state = run.init()
         if name == "mesh":
             # Every kernel big enough to shard holds exactly 1/fsdp of itself per device, and those
@@ -95,7 +95,7 @@ def test_sharded_step_matches_single_device(data_path):
             assert sum(x.nbytes for x in sharded) > 0.7 * total
             per_device = sum(x.addressable_shards[0].data.nbytes for x in leaves)
             assert per_device / total < 0.65, per_device / total
-        global_batch = loop.global_batch(batch, run.batch_sharding)
+        global_batch = builder.global_batch(batch, run.batch_sharding)
         state, metrics = run.train_step(state, global_batch)
         results[name] = jax.device_get((state.params, metrics["loss"]))
     np.testing.assert_allclose(results["one"][1], results["mesh"][1], rtol=1e-5)

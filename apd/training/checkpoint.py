@@ -17,8 +17,6 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from apd.training.builder import model_description  # noqa: F401  (stored with checkpoints)
-
 CHECKPOINT_DIR = "checkpoints"
 
 

@@ -14,11 +14,11 @@ from clu import parameter_overview, periodic_actions
 from apd import data as data_lib
 from apd import plans
 from apd.sampling import images as sample_images
+from apd.training import builder
 from apd.training import checkpoint as checkpoint_lib
 from apd.training import mesh as mesh_lib
 from apd.training import metrics as metrics_lib
 from apd.training import step as step_lib
-from apd.training.builder import Run, build, global_batch  # noqa: F401  (loop.build etc.)
 
 
 class _Preemption:
@@ -83,7 +83,7 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict[str, Any]:
     # ----------------------------------------------------------------------------------------
     # Model, state shardings and the jitted step.
     # ----------------------------------------------------------------------------------------
-    run = build(config, mesh, image_shape, num_classes)
+    run = builder.build(config, mesh, image_shape, num_classes)
 
     sample_every = config.get("sample_every_steps", 0)
     if sample_every:
@@ -151,7 +151,7 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict[str, Any]:
     try:
         while step < total:
             t0 = time.perf_counter()
-            batch = global_batch(next(train_iter), run.batch_sharding)
+            batch = builder.global_batch(next(train_iter), run.batch_sharding)
             input_wait += time.perf_counter() - t0
             state, device_metrics = run.train_step(state, batch)
             if pending is not None:
