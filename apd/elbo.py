@@ -24,10 +24,14 @@ become a bound. Averaging the random-ray family of `apd.paths` gives Theorem 1's
 weight, which couples all tokens through (sum_j h_j)^N and is far too peaked to use; apd instead
 samples paths and points on them, an unbiased Monte Carlo estimate of the same bound.
 
-Estimator. For each example, `num_points` points u_k on [0, 1] (stratified, u_k = (k + U) / K with
-one offset U shared by the batch, or i.i.d. uniform), a fresh noise draw at each, and the weight
--d SNR / du from a JVP of SNR(path(u)) (as VDM does for its schedule). Tokens the path does not move
-at u get weight exactly 0, whatever their SNR or error.
+Estimator. For each example b, `num_points` points u_k on [0, 1] of its own (stratified,
+u_k = (k + U_b) / K with an offset U_b ~ U[0, 1) per example, or i.i.d. uniform per example), a
+fresh noise draw at each, and the weight -d SNR / du from a JVP of SNR(path(u)) (as VDM does for
+its schedule; the path takes one point per example, see `apd.paths`). Tokens the path does not
+move at u get weight exactly 0, whatever their SNR or error. Examples share no random draw, so
+the per-example estimates of one call are independent (given independent paths, e.g. random rays
+drawn per example, or a deterministic path): the standard deviation over the batch over sqrt(B)
+is a valid standard error of the batch mean.
 
 All functions are jit-compatible. Callables (`denoise_fn`, `path`) are closed over or passed as
 static arguments, e.g.
@@ -115,8 +119,9 @@ def diffusion_term(
       key: PRNG key for the points and the noise.
       num_points: points u per example; they are vectorised (vmap), not looped.
       schedule: the noise schedule.
-      stratified: u_k = (k + U) / num_points with one U ~ U[0, 1) for the batch; else i.i.d.
-        uniform u_k. Both are unbiased; stratified has far lower variance.
+      stratified: u_k = (k + U_b) / num_points with an offset U_b ~ U[0, 1) per example b; else
+        i.i.d. uniform u_k per example. Both are unbiased and independent across examples;
+        stratified has far lower variance.
       points_per_chunk: evaluate this many points at a time (lax.map) to bound memory; None
         evaluates all points in one vectorised call.
     Returns:
@@ -130,11 +135,14 @@ def diffusion_term(
     level_shape = x.shape[:-1]
     paths.check_path(path, level_shape)
     key_u, key_eps = jax.random.split(key)
+    batch = level_shape[0]
     if stratified:
-        offset = jax.random.uniform(key_u, (), jnp.float32)
-        u = (jnp.arange(num_points, dtype=jnp.float32) + offset) / num_points
+        offset = jax.random.uniform(key_u, (1, batch), jnp.float32)
+        u = (jnp.arange(num_points, dtype=jnp.float32)[:, None] + offset) / num_points
     else:
-        u = jax.random.uniform(key_u, (num_points,), jnp.float32)
+        u = jax.random.uniform(key_u, (num_points, batch), jnp.float32)
+    # [K, B, 1, ..., 1]: point k of every example, broadcast against its tokens.
+    u = u.reshape(num_points, batch, *(1,) * (len(level_shape) - 1))
 
     def levels_and_snr(u: Array) -> tuple[Array, Array]:
         levels = jnp.broadcast_to(path(u), level_shape)

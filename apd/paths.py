@@ -1,11 +1,14 @@
 """Monotone paths through level space: the routes along which apd evaluates the ELBO.
 
-A path is a function `path(u) -> levels` of a scalar u in [0, 1] (a Python float or a traced
-float32 scalar). It returns a level map shaped like the data without its channel axis,
+A path is a function `path(u) -> levels` of u in [0, 1]: a scalar (a Python float or a float32
+scalar, possibly traced), or one point per example, an array [B, 1, ..., 1] with as many axes as
+the level map. It returns a level map shaped like the data without its channel axis,
 [B, *tokens] float32 in [0, 1] (size-1 axes broadcast: a path of shape [1, H, W] is shared by the
-whole batch). Every coordinate is non-decreasing in u, from the clean end (u = 0) to the noisy end
-(u = 1). Along any such path the per-token forward process is a Markov chain that only ever adds
-noise, so the path defines a valid ELBO (see `apd.elbo`).
+whole batch), example b at its own u[b] when u has one point per example (paths act elementwise in
+u, so `apd.elbo` draws independent points for the examples of one batch). Every coordinate is
+non-decreasing in u, from the clean end (u = 0) to the noisy end (u = 1). Along any such path the
+per-token forward process is a Markov chain that only ever adds noise, so the path defines a valid
+ELBO (see `apd.elbo`).
 
 The built-in paths run between common endpoint levels: every coordinate starts at `t_start` at
 u = 0 and ends at `t_end` at u = 1. Below `t_start` the reconstruction term of the ELBO takes over,
@@ -20,7 +23,7 @@ Paths are plain closures over arrays, jit-compatible in u (no Python branching o
 diffusion integrand is smooth in logSNR, so built-in paths move their coordinates linearly in
 logSNR (rays: linearly in log h, a smooth monotone function of logSNR, linear in it near the
 clean end).
-`check_path` validates a concrete path on a grid of u.
+`check_path` validates a concrete path on a grid of u and with one point per example.
 """
 
 from collections.abc import Callable, Sequence
@@ -60,6 +63,27 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
+def _points(u: Array | float, shape: tuple[int, ...]) -> tuple[Array, tuple[int, ...]]:
+    """u clipped to [0, 1] as float32, and the level shape it gives with a path of `shape`.
+
+    u is a scalar or [b, 1, ..., 1] (len(shape) axes, one point per example: b = B or 1, any b
+    for a path shared by the batch, shape[0] = 1).
+    """
+    u = jnp.asarray(u, jnp.float32)
+    per_example = (
+        u.ndim == len(shape)
+        and all(n == 1 for n in u.shape[1:])
+        and (u.shape[0] == 1 or shape[0] in (1, u.shape[0]))
+    )
+    if u.ndim and not per_example:
+        raise ValueError(
+            f"path points u must be a scalar or one per example, [B, 1, ..., 1] with "
+            f"{len(shape)} axes and B = {shape[0]} (or 1, or any B for a path shared by the "
+            f"batch); got shape {u.shape}."
+        )
+    return jnp.clip(u, 0.0, 1.0), jnp.broadcast_shapes(u.shape, shape)
+
+
 def _log_snr_line(t_start: float, t_end: float, schedule: Schedule) -> Callable[[Array], Array]:
     """fraction in [0, 1] -> levels that far from t_start to t_end, linear in logSNR."""
     start, end = (schedule.log_snr(jnp.float32(t)) for t in (t_start, t_end))
@@ -83,14 +107,15 @@ def synchronous(
       t_start, t_end: endpoint levels, 0 < t_start < t_end < 1.
       schedule: the schedule whose logSNR the path is linear in.
     Returns:
-      path(u) -> [*shape] float32 levels.
+      path(u) -> [*shape] float32 levels ([B, *tokens] for u with one point per example).
     """
     shape = _check_shape(shape)
     _check_endpoints(t_start, t_end)
     line = _log_snr_line(t_start, t_end, schedule)
 
     def path(u):
-        return jnp.broadcast_to(line(jnp.clip(jnp.asarray(u, jnp.float32), 0.0, 1.0)), shape)
+        u, out_shape = _points(u, shape)
+        return jnp.broadcast_to(line(u), out_shape)
 
     return path
 
@@ -114,7 +139,7 @@ def random_ray(
         for one path shared by the whole batch.
       t_start, t_end: endpoint levels, 0 < t_start < t_end < 1.
     Returns:
-      path(u) -> [*shape] float32 levels.
+      path(u) -> [*shape] float32 levels ([B, *tokens] for u with one point per example).
     """
     shape = _check_shape(shape)
     _check_endpoints(t_start, t_end)
@@ -126,10 +151,10 @@ def random_ray(
     log_s_last = np.log(h_end) - jnp.min(log_rates, axis=token_axes, keepdims=True)
 
     def path(u):
-        fraction = jnp.clip(jnp.asarray(u, jnp.float32), 0.0, 1.0)
+        fraction, out_shape = _points(u, shape)
         log_s = log_s_first + fraction * (log_s_last - log_s_first)
         h = jnp.clip(jnp.exp(log_rates + log_s), h_start, h_end)
-        return -jnp.expm1(-h)
+        return jnp.broadcast_to(-jnp.expm1(-h), out_shape)
 
     return path
 
@@ -158,7 +183,7 @@ def raster(
       order: a permutation of range(G): order[k] is the raster index of the k-th patch to be
         noised. Default: raster order.
     Returns:
-      path(u) -> [*shape] float32 levels.
+      path(u) -> [*shape] float32 levels ([B, *tokens] for u with one point per example).
     """
     shape = _check_shape(shape)
     _check_endpoints(t_start, t_end)
@@ -185,8 +210,9 @@ def raster(
     line = _log_snr_line(t_start, t_end, schedule)
 
     def path(u):
-        fraction = jnp.clip(num_groups * jnp.asarray(u, jnp.float32) - rank, 0.0, 1.0)
-        return jnp.broadcast_to(line(fraction), shape)
+        u, out_shape = _points(u, shape)
+        fraction = jnp.clip(num_groups * u - rank, 0.0, 1.0)
+        return jnp.broadcast_to(line(fraction), out_shape)
 
     return path
 
@@ -194,9 +220,12 @@ def raster(
 def check_path(path: Path, shape: Sequence[int], num: int = 65) -> None:
     """Raises ValueError unless `path` is a valid path for levels of shape `shape`.
 
-    Evaluates path on `num` evenly spaced u in [0, 1]. Always checks the shape: [B, *tokens] with
-    each axis equal to `shape`'s or 1. When the levels are concrete (not traced), also checks they
-    lie in [0, 1] and are non-decreasing in u in every coordinate (to within 1e-6 for rounding).
+    Evaluates path on `num` evenly spaced u in [0, 1], and once with one point per example (u of
+    shape [B, 1, ..., 1], example b at one of those grid points). Always checks the shapes:
+    [B, *tokens] with each axis equal to `shape`'s or 1 (B for per-example points). When the
+    levels are concrete (not traced), also checks they lie in [0, 1], are non-decreasing in u in
+    every coordinate (to within 1e-6 for rounding), and that with per-example points each example
+    gets its levels at its own point (what `apd.elbo` relies on).
 
     Args:
       path: path(u) -> levels, jit-compatible in u.
@@ -212,7 +241,16 @@ def check_path(path: Path, shape: Sequence[int], num: int = 65) -> None:
             f"path returns levels of shape {got}; expected {shape} (the data shape without its "
             "channel axis; size-1 axes broadcast)."
         )
-    if not checks.is_concrete(levels):
+    # Example b at grid point pick[b]: spread over the grid, different for neighbours.
+    pick = (np.arange(shape[0]) * 7 + num // 2) % num
+    per_example = path(u[pick].reshape(shape[0], *(1,) * (len(shape) - 1)))
+    want = (shape[0], *got[1:])
+    if tuple(jnp.shape(per_example)) != want:
+        raise ValueError(
+            f"with one point per example (u of shape [{shape[0]}, 1, ...]) the path returns levels "
+            f"of shape {tuple(jnp.shape(per_example))}; expected {want}."
+        )
+    if not (checks.is_concrete(levels) and checks.is_concrete(per_example)):
         return
     levels = np.asarray(levels)
     checks.check_levels(levels, "path levels")
@@ -224,4 +262,13 @@ def check_path(path: Path, shape: Sequence[int], num: int = 65) -> None:
             f"u = 1); coordinate {tuple(int(i) for i in index)} goes from "
             f"{levels[k][tuple(index)]!r} at u={float(u[k])!r} to {levels[k + 1][tuple(index)]!r} "
             f"at u={float(u[k + 1])!r}."
+        )
+    expected = np.broadcast_to(levels, (num, *want))[pick, np.arange(shape[0])]
+    off = np.abs(np.asarray(per_example) - expected) > 1e-6 + 1e-5 * np.abs(expected)
+    if off.any():
+        b = int(np.argwhere(off)[0, 0])
+        raise ValueError(
+            f"a path must act elementwise in u: with one point per example, example {b} at "
+            f"u={float(u[pick[b]])!r} gets levels other than path(u={float(u[pick[b]])!r})[{b}] "
+            "(the per-example points of apd.elbo need this)."
         )

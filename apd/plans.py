@@ -4,13 +4,30 @@ A plan is the discrete form of method.md §7's schedule field tau(u) in [0, 1]^N
 
   levels  [S + 1, B, *tokens] float32 in [0, 1]: the level of each token before step 0, after
           step 0, ..., after step S - 1 (S steps, one network call each). Non-increasing along the
-          step axis; size-1 axes broadcast (the synchronous plan is [S + 1, 1, 1, 1]), so a plan
-          stores only what varies. Memory: (S + 1) * 4 bytes per stored level.
+          step axis; size-1 axes broadcast (the synchronous plan is [S + 1, 1, 1, 1]).
   update  [B, *tokens] bool: False marks a known token, which the sampler never changes (its level
           is constant; at level 0 it is the given data bit for bit).
 
 Step k moves token i from levels[k, i] to levels[k + 1, i]; every updated token ends at level 0.
 Tokens whose level does not change in a step are left exactly as they are.
+
+Two forms, one interface (`plan.at(k)`, `plan.levels`, `plan.steps`, `plan.shape`):
+
+  compact       the standard plans (synchronous, inpaint, edit, autoregressive) store no level
+                field. Token i's level after k steps is
+
+                    level_i(k) = clip(scale_i * ramp[clip(k - start_i, 0, n)], 0, 1)
+
+                with ramp [n + 1] non-increasing to ramp[n] = 0 (1 - j / n for the standard
+                plans), scale [B, *tokens] the token's level before it starts moving, start
+                [B, *tokens] int32 the step at which it starts (size-1 axes broadcast). `at(k)`
+                computes one step's map inside the sampler's scan, so memory is
+                O(B * tokens + n), not O(S * B * tokens).
+  materialised  `levels` stored as an array: user fields (`from_array`) and `adaptive`.
+
+`plan.levels` materialises a compact plan on demand (for plotting and statistics); the sampler
+never does. Both forms give the same level maps bit for bit, so the sampler returns the same
+samples for a compact plan and for `from_array(plan.levels, plan.update)`.
 
 Constructors (pure; `grid` is an int n for an n x n token grid or a tuple such as (h, w)):
 
@@ -23,7 +40,8 @@ Constructors (pure; `grid` is an int n for an n x n token grid or a tuple such a
   adaptive(uncertainty_fn, budget, start)    tokens with low difficulty take fewer, larger steps.
   from_array(levels, update=None)            a user-supplied field, validated.
 
-`validate(plan)` raises ValueError naming the first offending step and token.
+`validate(plan)` raises ValueError naming the first offending step and token (compact plans are
+checked without materialising their field).
 `python -m apd.plans show --plan=NAME --out=FILE.png` draws a plan's level maps at a few steps.
 """
 
@@ -46,36 +64,89 @@ Grid = tuple[int, ...]
 
 ORDERS = ("raster", "random")
 ALIGNS = ("end", "start")
+# Plan kinds whose updated tokens all start at level 1 by construction.
+STARTS_AT_NOISE = ("synchronous", "inpaint", "autoregressive")
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["levels", "update"], meta_fields=[]
+    jax.tree_util.register_dataclass,
+    data_fields=["stored", "update", "scale", "start", "ramp"],
+    meta_fields=["num_steps", "kind"],
 )
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """A schedule field: levels [S + 1, B, *tokens] (size-1 axes broadcast), update [B, *tokens].
+    """A schedule field, materialised (`stored`) or compact (`scale`, `start`, `ramp`, steps).
 
-    A pytree, so a plan passes through `jax.jit`; its shapes are static, its values traced.
+    `Plan(levels, update)` is a materialised plan. Compact plans come from the constructors.
+    A pytree, so a plan passes through `jax.jit`: its arrays are traced; the step count S and
+    `kind` (the constructor's name) are static.
+
+    Attributes:
+      stored: [S + 1, B, *tokens] float32 (size-1 axes broadcast), or None for a compact plan.
+      update: [B, *tokens] bool.
+      scale: compact only: [B, *tokens] float32 in [0, 1] (size-1 axes broadcast).
+      start: compact only: [B, *tokens] int32 (size-1 axes broadcast).
+      ramp: compact only: [n + 1] float32, non-increasing, ramp[n] = 0.
+      num_steps: compact only: S.
+      kind: 'synchronous', 'inpaint', 'edit', 'autoregressive', 'adaptive' or 'array'.
     """
 
-    levels: Array
+    stored: Array | None
     update: Array
+    scale: Array | None = None
+    start: Array | None = None
+    ramp: Array | None = None
+    num_steps: int | None = None
+    kind: str = "array"
+
+    @property
+    def compact(self) -> bool:
+        """True when the level field is computed per step rather than stored."""
+        return self.stored is None
 
     @property
     def steps(self) -> int:
         """S, the number of sampling steps (network calls)."""
-        return self.levels.shape[0] - 1
+        if self.compact:
+            return self.num_steps
+        return self.stored.shape[0] - 1
 
     @property
     def shape(self) -> tuple[int, ...]:
         """(B, *tokens), the token shape of the samples."""
         return tuple(self.update.shape)
 
+    @property
+    def levels(self) -> Array:
+        """[S + 1, B, *tokens] float32 (size-1 axes broadcast); materialised if compact."""
+        if not self.compact:
+            return self.stored
+        ndim = len(self.shape)
+        k = jnp.arange(self.steps + 1, dtype=jnp.int32).reshape(self.steps + 1, *(1,) * ndim)
+        return self._compact_levels(k)
+
     def at(self, step: int | Array) -> Array:
-        """levels[step] broadcast to [B, *tokens]; `step` may be traced."""
+        """The level map after `step` steps, [B, *tokens] float32; `step` may be traced."""
+        if self.compact:
+            k = jnp.asarray(step, jnp.int32).reshape((1,) * (1 + len(self.shape)))
+            return jnp.broadcast_to(self._compact_levels(k)[0], self.shape)
         return jnp.broadcast_to(
-            jax.lax.dynamic_index_in_dim(self.levels, step, keepdims=False), self.shape
+            jax.lax.dynamic_index_in_dim(self.stored, step, keepdims=False), self.shape
         )
+
+    def _compact_levels(self, k: Array) -> Array:
+        """clip(scale * ramp[clip(k - start, 0, n)], 0, 1) for step indices k [K, 1, ..., 1].
+
+        The outer clip is the identity on valid plans; it also keeps the product out of XLA's
+        fused multiply-adds with the schedule's arithmetic in the sampler, so `at(k)` inside a
+        compiled sampler equals the row of the materialised field bit for bit.
+        """
+        index = jnp.clip(k - self.start[None], 0, self.ramp.shape[0] - 1)
+        return jnp.clip(self.scale[None] * jnp.take(self.ramp, index, mode="clip"), 0.0, 1.0)
+
+
+def _compact(kind: str, update: Array, scale: Array, start: Array, ramp: Array, steps: int) -> Plan:
+    return Plan(None, update, scale, start.astype(jnp.int32), ramp, steps, kind)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,13 +158,21 @@ def synchronous(steps: int, batch: int, grid: int | Sequence[int]) -> Plan:
     """Ordinary diffusion: every token at level 1 - k / S after k steps.
 
     Returns:
-      levels [S + 1, 1, 1, ...] (broadcast over batch and tokens), update all True [B, *grid].
+      A compact plan: levels [S + 1, 1, 1, ...] (broadcast over batch and tokens), update all
+      True [B, *grid].
     """
     steps = _check_int("steps", steps, lo=1)
     batch = _check_int("batch", batch, lo=1)
     grid = checks.as_grid(grid)
-    ramp = _ramp(steps).reshape(steps + 1, *(1,) * (1 + len(grid)))
-    return Plan(ramp, jnp.ones((batch, *grid), bool))
+    ones = (1,) * (1 + len(grid))
+    return _compact(
+        "synchronous",
+        jnp.ones((batch, *grid), bool),
+        jnp.ones(ones, jnp.float32),
+        jnp.zeros(ones, jnp.int32),
+        _ramp(steps),
+        steps,
+    )
 
 
 def inpaint(mask: Array, steps: int) -> Plan:
@@ -103,13 +182,14 @@ def inpaint(mask: Array, steps: int) -> Plan:
       mask: [B, *tokens], 1 (or True) = known, 0 = to generate.
       steps: S >= 1.
     Returns:
-      levels [S + 1, B, *tokens] = (1 - mask) * (1 - k / S); update = (mask == 0).
+      A compact plan: levels [S + 1, B, *tokens] = (1 - mask) * (1 - k / S); update =
+      (mask == 0).
     """
     steps = _check_int("steps", steps, lo=1)
     known = _check_mask(mask)
     unknown = (~known).astype(jnp.float32)
-    ramp = _ramp(steps).reshape(steps + 1, *(1,) * unknown.ndim)
-    return Plan(unknown[None] * ramp, ~known)
+    start = jnp.zeros((1,) * unknown.ndim, jnp.int32)
+    return _compact("inpaint", ~known, unknown, start, _ramp(steps), steps)
 
 
 def edit(strength: Array, steps: int) -> Plan:
@@ -122,7 +202,8 @@ def edit(strength: Array, steps: int) -> Plan:
       strength: [B, *tokens] float in [0, 1].
       steps: S >= 1.
     Returns:
-      levels [S + 1, B, *tokens] = strength * (1 - k / S); update = (strength > 0).
+      A compact plan: levels [S + 1, B, *tokens] = strength * (1 - k / S); update =
+      (strength > 0).
     """
     steps = _check_int("steps", steps, lo=1)
     checks.check_levels(strength, "edit strength")
@@ -131,8 +212,8 @@ def edit(strength: Array, steps: int) -> Plan:
         raise ValueError(
             f"edit strength must be [B, *tokens] (at least 2 axes); got shape {strength.shape}."
         )
-    ramp = _ramp(steps).reshape(steps + 1, *(1,) * strength.ndim)
-    return Plan(strength[None] * ramp, strength > 0)
+    start = jnp.zeros((1,) * strength.ndim, jnp.int32)
+    return _compact("edit", strength > 0, strength, start, _ramp(steps), steps)
 
 
 def autoregressive(
@@ -168,7 +249,8 @@ def autoregressive(
       overlap: steps shared by consecutive windows, in [0, steps_per_group - 1].
       key: PRNG key, required for order='random' only.
     Returns:
-      levels [S + 1, 1 or B, *grid] (1 when the order is shared by the batch), update all True.
+      A compact plan: levels [S + 1, 1 or B, *grid] (1 when the order is shared by the batch),
+      update all True.
     """
     grid = checks.as_grid(grid)
     batch = _check_int("batch", batch, lo=1)
@@ -192,10 +274,14 @@ def autoregressive(
     stride = steps_per_group - overlap
     steps = (groups - 1) * stride + steps_per_group
     token_rank = jnp.take(rank, _group_index(grid, patches), axis=1)  # [Bo, *grid]
-    start = (token_rank * stride).astype(jnp.float32)
-    k = jnp.arange(steps + 1, dtype=jnp.float32).reshape(steps + 1, *(1,) * start.ndim)
-    levels = jnp.clip(1.0 - (k - start[None]) / steps_per_group, 0.0, 1.0)
-    return Plan(levels, jnp.ones((batch, *grid), bool))
+    return _compact(
+        "autoregressive",
+        jnp.ones((batch, *grid), bool),
+        jnp.ones((1,) * (1 + len(grid)), jnp.float32),
+        token_rank * stride,
+        _ramp(steps_per_group),
+        steps,
+    )
 
 
 def adaptive(
@@ -228,7 +314,7 @@ def adaptive(
         for inpainting, a strength map for editing). Tokens starting at 0 are known (not updated).
       align: 'end' or 'start'.
     Returns:
-      levels [S + 1, B, *tokens]; update = (start > 0).
+      A materialised plan: levels [S + 1, B, *tokens]; update = (start > 0).
     """
     checks.check_choice("adaptive align", align, ALIGNS)
     if not (isinstance(budget, Sequence) and len(budget) == 2):
@@ -251,7 +337,7 @@ def adaptive(
     k = jnp.arange(steps + 1, dtype=jnp.float32).reshape(steps + 1, *(1,) * start.ndim)
     n_safe = jnp.maximum(n, 1.0)[None]
     remaining = (steps - k) / n_safe if align == "end" else 1.0 - k / n_safe
-    return Plan(start[None] * jnp.clip(remaining, 0.0, 1.0), update)
+    return Plan(start[None] * jnp.clip(remaining, 0.0, 1.0), update, kind="adaptive")
 
 
 def difficulty_from_log_error(
@@ -324,18 +410,25 @@ def validate(plan: Plan) -> None:
     update boolean), every level finite and in [0, 1], non-increasing along the steps, final level
     0 for updated tokens, constant levels for known tokens. Each message names the first offending
     step and token (its index in [B, *tokens]) and value. Values are checked only when concrete.
+
+    A compact plan is checked without materialising its field: its levels are non-increasing and
+    in [0, 1] when its ramp is non-increasing and in [0, 1] and its scale lies in [0, 1]; the
+    endpoint conditions then need only the maps at steps 0 and S (a known token whose level
+    changes is reported at step S).
     """
-    levels, update = plan.levels, plan.update
+    update = plan.update
     if jnp.ndim(update) < 1 or jnp.result_type(update) != jnp.bool_:
         raise ValueError(
             f"plan update must be a boolean array [B, *tokens]; got dtype "
             f"{jnp.result_type(update)} and shape {jnp.shape(update)}."
         )
+    if plan.compact:
+        _validate_compact(plan)
+        return
+    levels = plan.stored
     shape = tuple(jnp.shape(update))
     lshape = tuple(jnp.shape(levels))
-    broadcasts = len(lshape) == len(shape) + 1 and all(
-        lv in (1, n) for lv, n in zip(lshape[1:], shape, strict=True)
-    )
+    broadcasts = len(lshape) == len(shape) + 1 and _fits(lshape[1:], shape)
     if not broadcasts or lshape[0] < 2:
         raise ValueError(
             f"plan levels of shape {lshape} do not fit update of shape {shape}: expected "
@@ -365,6 +458,71 @@ def validate(plan: Plan) -> None:
         lv,
         "known tokens (update False) must keep a constant level",
     )
+
+
+def _validate_compact(plan: Plan) -> None:
+    shape = plan.shape
+    steps = plan.num_steps
+    if not (isinstance(steps, numbers.Integral) and not isinstance(steps, bool) and steps >= 1):
+        raise ValueError(f"a compact plan needs num_steps S >= 1; got {steps!r}.")
+    for name, value, kind in (
+        ("scale", plan.scale, jnp.floating),
+        ("start", plan.start, jnp.integer),
+    ):
+        if value is None or jnp.ndim(value) != len(shape) or not _fits(jnp.shape(value), shape):
+            raise ValueError(
+                f"compact plan {name} of shape {jnp.shape(value)} does not fit update of shape "
+                f"{shape}: expected [{', '.join(map(str, shape))}] (size-1 axes broadcast)."
+            )
+        if not jnp.issubdtype(jnp.result_type(value), kind):
+            raise ValueError(
+                f"compact plan {name} must be {kind.__name__}; got {jnp.result_type(value)}."
+            )
+    ramp = plan.ramp
+    if ramp is None or jnp.ndim(ramp) != 1 or jnp.shape(ramp)[0] < 2:
+        raise ValueError(
+            f"compact plan ramp must be [n + 1] with n >= 1; got shape {jnp.shape(ramp)}."
+        )
+    if not jnp.issubdtype(jnp.result_type(ramp), jnp.floating):
+        raise ValueError(f"compact plan ramp must be floating point; got {jnp.result_type(ramp)}.")
+    leaves = (plan.update, plan.scale, plan.start, ramp)
+    if not all(checks.is_concrete(leaf) for leaf in leaves):
+        return
+
+    r = np.asarray(ramp)
+    bad = np.flatnonzero(~((r >= 0.0) & (r <= 1.0)) | np.concatenate([[False], r[1:] > r[:-1]]))
+    if bad.size:
+        j = int(bad[0])
+        raise ValueError(
+            f"invalid plan: the compact ramp must lie in [0, 1] (finite) and be non-increasing; "
+            f"ramp[{j}] = {float(r[j])!r}" + (f" after {float(r[j - 1])!r}." if j else ".")
+        )
+    scale = np.broadcast_to(np.asarray(plan.scale), shape)
+    bad = np.argwhere(~((scale >= 0.0) & (scale <= 1.0)))
+    if bad.size:
+        token = tuple(int(i) for i in bad[0])
+        raise ValueError(
+            f"invalid plan: the compact scale (a token's level before it moves) must lie in "
+            f"[0, 1] (finite); got {float(scale[token])!r} at token {token} (index into "
+            f"[B, *tokens])."
+        )
+    # Levels are now non-increasing, so the endpoint maps decide the rest.
+    first, last = np.asarray(plan.at(0)), np.asarray(plan.at(steps))
+    update = np.asarray(plan.update)
+    _first_bad(
+        (update & (last != 0.0))[None], last[None], "updated tokens must end at level 0", steps
+    )
+    _first_bad(
+        (~update & (last != first))[None],
+        last[None],
+        "known tokens (update False) must keep a constant level (it changes by the last step)",
+        steps,
+    )
+
+
+def _fits(got: Sequence[int], shape: Sequence[int]) -> bool:
+    """True when an array of shape `got` broadcasts to `shape` with the same number of axes."""
+    return len(got) == len(shape) and all(g in (1, n) for g, n in zip(got, shape, strict=True))
 
 
 def _first_bad(bad: np.ndarray, values: np.ndarray, what: str, offset: int = 0) -> None:

@@ -1,5 +1,7 @@
 """Plan constructors, validation and the `show` command."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -175,11 +177,69 @@ def test_from_array_and_validate():
 
 
 def test_plan_is_a_pytree_under_jit():
+    traces = []
+
+    @jax.jit
+    def mean_levels(p):
+        traces.append(p.steps)
+        return jnp.stack([p.at(k).mean() for k in range(p.steps + 1)])
+
     plan = plans.inpaint(np.eye(4, dtype=np.float32)[None], 6)
-    mean_levels = jax.jit(lambda p: jnp.stack([p.at(k).mean() for k in range(p.steps + 1)]))(plan)
-    np.testing.assert_allclose(mean_levels, full(plan).mean(axis=(1, 2, 3)), rtol=1e-6)
-    leaves = jax.tree_util.tree_leaves(plan)
-    assert len(leaves) == 2
+    np.testing.assert_allclose(mean_levels(plan), full(plan).mean(axis=(1, 2, 3)), rtol=1e-6)
+    # Compact: update, scale, start and ramp are traced leaves; S and the kind are static.
+    assert len(jax.tree_util.tree_leaves(plan)) == 4
+    other = plans.inpaint(1.0 - np.eye(4, dtype=np.float32)[None], 6)  # new mask, same shapes
+    np.testing.assert_allclose(mean_levels(other), full(other).mean(axis=(1, 2, 3)), rtol=1e-6)
+    assert traces == [6]
+    materialised = plans.from_array(plan.levels, plan.update)
+    assert len(jax.tree_util.tree_leaves(materialised)) == 2
+    np.testing.assert_array_equal(mean_levels(materialised), mean_levels(plan))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: plans.synchronous(7, 2, (3, 5)),
+        lambda: plans.inpaint(np.tri(4, dtype=np.float32)[None].repeat(2, 0), 5),
+        lambda: plans.edit(np.linspace(0, 1, 24, dtype=np.float32).reshape(2, 3, 4), 6),
+        lambda: plans.autoregressive((4, 6), 2, 2, 5, overlap=3),
+        lambda: plans.autoregressive(4, 3, 2, 3, order="random", key=jax.random.key(1)),
+    ],
+    ids=["synchronous", "inpaint", "edit", "autoregressive", "autoregressive-random"],
+)
+def test_compact_plans_store_no_field_and_match_it_step_by_step(make):
+    plan = make()
+    plans.validate(plan)
+    assert plan.compact and plan.stored is None
+    stored = sum(leaf.size for leaf in jax.tree_util.tree_leaves(plan))
+    assert stored <= 3 * int(np.prod(plan.shape)) + plan.steps + 1  # no [S + 1, ...] array
+    field = full(plan)
+    at = jax.jit(lambda p, k: p.at(k))
+    for k in range(plan.steps + 1):
+        assert np.array_equal(np.asarray(plan.at(k)), field[k])
+        assert np.array_equal(np.asarray(at(plan, k)), field[k])
+    plans.validate(plans.from_array(plan.levels, plan.update))
+
+
+def test_validate_checks_compact_plans_without_a_field():
+    good = plans.inpaint(np.tri(4, dtype=np.float32)[None], 5)  # known: the lower triangle
+
+    def bad(match, **changes):
+        with pytest.raises(ValueError, match=match):
+            plans.validate(dataclasses.replace(good, **changes))
+
+    bad(r"non-increasing; ramp\[2\] = 0\.75 after 0\.5", ramp=jnp.array([1, 0.5, 0.75, 0, 0, 0]))
+    bad(r"ramp.*\[0, 1\]", ramp=jnp.array([1.5, 0.5, 0.0]))
+    bad(r"scale .*got 1\.5 at token \(0, 0, 1\)", scale=good.scale.at[0, 0, 1].set(1.5))
+    bad(
+        r"end at level 0; level 0\.25 at step 5, token \(0, 0, 1\)",
+        ramp=jnp.linspace(1.0, 0.25, 6),
+    )
+    bad(r"constant level.*step 5, token \(0, 0, 0\)", scale=good.scale.at[0, 0, 0].set(0.5))
+    bad(r"end at level 0.*step 5", start=good.start + 1)  # the ramp would finish after step S
+    bad("scale of shape", scale=jnp.ones((2, 4, 4)))
+    bad("start must be integer", start=good.start.astype(jnp.float32))
+    bad("num_steps", num_steps=0)
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,16 @@ Sampling knows models only through a `denoise(z, levels, labels) -> prediction` 
 - `ddim`: the per-token DDIM step (any schedule, stochastic coefficient eta) and forward noising.
 - `guidance`: classifier-free and input guidance, all branches in one batched call.
 - `sampler`: `sample` (one `lax.scan` over the plan's steps) and `sample_cost`.
-- `repaint`: RePaint (jump length j, resampling r) for synchronously trained models.
+- `resampling`: RePaint (jump length j, resampling r) for synchronously trained models; its
+  functions `repaint`, `repaint_cost`, `repaint_schedule` are re-exported here. (The module is
+  not named `repaint`, so that `apd.sampling.repaint` is the function and the module stays
+  importable as itself.)
+- `inputs`: eager checks of the sampling API's inputs; `images`: PNG grids and the jitted
+  sample function for the trainer.
 """
 
 from apd.sampling.ddim import ddim_step, forward_step, noised
-from apd.sampling.repaint import repaint, repaint_cost, repaint_schedule
+from apd.sampling.resampling import repaint, repaint_cost, repaint_schedule
 from apd.sampling.sampler import Cost, sample, sample_cost
 
 __all__ = [

@@ -16,6 +16,17 @@ the network's x_hat and eps_hat and uses c = eta * c_1:
 
 eta = 1 is the ancestral sampler (exact posterior sampling given x), eta = 0 deterministic DDIM.
 A token with s_i = t_i is returned unchanged, bit for bit.
+
+Both coefficients are computed from r^2 = SNR(t) / SNR(s) = (a_t s_s / (a_s s_t))^2 without a
+difference of squares of sigmas:
+
+    c = eta s_s sqrt(1 - r^2),    sqrt(s_s^2 - c^2) = s_s sqrt((1 - eta^2) + eta^2 r^2).
+
+Written as sqrt(s_s^2 - c^2), the float32 rounding of c^2 (and XLA's fused multiply-adds under
+jit) leaves a residue of order 1e-8 s_s^2 where the true value is 0 (eta = 1, first step from a
+level with alpha = 0), which the square root turns into up to ~5e-4 s_s (measured on CPU). At
+alpha_t = 0 (level 1 of the built-in schedules) r = 0 exactly, so the eta = 1 step from pure
+noise has no eps_hat term.
 """
 
 import jax
@@ -53,10 +64,13 @@ def ddim_step(
     moves = s < t
     a_t, s_t = schedule.alpha_sigma(t)
     a_s, s_s = schedule.alpha_sigma(s)
-    # sqrt(SNR(t) / SNR(s)); a_s > 0 and s_t > 0 wherever s < t <= 1.
-    ratio = (a_t * s_s) / jnp.where(moves, a_s * s_t, 1.0)
-    c = eta * s_s * jnp.sqrt(jnp.clip(1.0 - jnp.square(ratio), 0.0, 1.0))
-    direction = jnp.sqrt(jnp.maximum(jnp.square(s_s) - jnp.square(c), 0.0))
+    # r = sqrt(SNR(t) / SNR(s)) in [0, 1]; a_s > 0 and s_t > 0 wherever s < t <= 1; r = 0
+    # exactly where a_t = 0.
+    ratio_sq = jnp.square((a_t * s_s) / jnp.where(moves, a_s * s_t, 1.0))
+    eta_sq = jnp.square(eta)
+    c = eta * s_s * jnp.sqrt(jnp.clip(1.0 - ratio_sq, 0.0, 1.0))
+    # sqrt(s_s^2 - c^2) without the subtraction (see the module docstring).
+    direction = s_s * jnp.sqrt((1.0 - eta_sq) + eta_sq * jnp.minimum(ratio_sq, 1.0))
     z_s = a_s * x_hat + direction * eps_hat + c * noise
     return jnp.where(moves, z_s, z)
 
@@ -85,6 +99,11 @@ def forward_step(z: Array, t: Array, s: Array, noise: Array, schedule: Schedule)
 
 def noised(x: Array, levels: Array, noise: Array, schedule: Schedule) -> Array:
     """alpha(t) x + sigma(t) noise per token, and exactly x where the level is 0.
+
+    This is the sampler's start state (a draw of q(z_t | x)): a token at level 1 starts at
+    alpha(1) x + sigma(1) noise = sigma(1) noise, which is the plain standard normal noise that
+    diffusers-style samplers start from only when sigma(1) = 1 (true of the built-in schedules,
+    with or without a shift; a schedule with sigma(1) != 1 starts from scaled noise here).
 
     Args:
       x: [B, *tokens, C] float32; levels: [B, *tokens] in [0, 1]; noise: like x.

@@ -9,6 +9,7 @@ import numpy as np
 
 from apd import checks, plans
 from apd.sampling import guidance
+from apd.schedules import Schedule
 
 Array = jax.Array
 
@@ -57,15 +58,61 @@ def data_shape(
 
 def check_start(plan: plans.Plan, x_known: Array | None) -> None:
     """Without x_known every token must start at pure noise (level 1)."""
-    if x_known is not None or not checks.is_concrete(plan.levels):
+    if x_known is not None:
         return
-    start = np.broadcast_to(np.asarray(plan.levels[0]), plan.shape)
+    start = plan.at(0)
+    if not checks.is_concrete(start):
+        return
+    start = np.asarray(start)
     if (start < 1.0).any():
         token = tuple(int(i) for i in np.argwhere(start < 1.0)[0])
         raise ValueError(
             f"the plan starts token {token} at level {float(start[token])!r} < 1 (known or "
             f"partially noised); pass x_known [B, *tokens, C] with the data to start from."
         )
+
+
+def check_prediction_start(plan: plans.Plan, prediction: str, schedule: Schedule) -> None:
+    """Refuses 'eps' prediction stepping from a level where alpha = 0 (level 1, built-in schedules).
+
+    x_hat = (z - sigma eps_hat) / alpha is undefined there and the samples would be NaN. Levels
+    never rise and alpha falls with the level, so checking each updated token's start level
+    suffices. A traced plan is refused by its kind when the kind starts every updated token at
+    level 1 (synchronous, inpaint, autoregressive).
+    """
+    if prediction != "eps":
+        return
+    start = plan.at(0)
+    if checks.is_concrete(start) and checks.is_concrete(plan.update):
+        start = np.asarray(start)
+        bad = np.asarray(plan.update) & (np.asarray(schedule.alpha(start)) == 0.0)
+        if bad.any():
+            token = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise eps_at_noise_error(
+                f"the plan starts updated token {token} at level {float(start[token])!r}",
+                "start every updated token below level 1 (e.g. plans.edit with strength < 1)",
+            )
+    elif plan.kind in plans.STARTS_AT_NOISE and alpha_at_noise(schedule) == 0.0:
+        raise eps_at_noise_error(
+            f"a {plan.kind} plan starts every updated token at level 1",
+            "start every updated token below level 1 (e.g. plans.edit with strength < 1)",
+        )
+
+
+def alpha_at_noise(schedule: Schedule) -> float:
+    """alpha(1) of the schedule, as a Python float even while a caller is being traced."""
+    with jax.ensure_compile_time_eval():
+        return float(schedule.alpha(jnp.float32(1.0)))
+
+
+def eps_at_noise_error(where: str, fix: str | None = None) -> ValueError:
+    """The error for prediction='eps' asked to step from a level where alpha = 0."""
+    fix = "" if fix is None else f"{fix}, or "
+    return ValueError(
+        f"prediction='eps' cannot sample from a level where alpha = 0: {where}, and there "
+        f"x_hat = (z - sigma * eps_hat) / alpha is undefined (the samples would be NaN). To fix "
+        f"it, {fix}use a model trained with prediction 'v' or 'x'."
+    )
 
 
 def guidance_branches(

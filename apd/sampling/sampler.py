@@ -3,16 +3,21 @@
     x = apd.sampling.sample(denoise, plan, key, schedule=RectifiedFlow(), prediction="v")
 
 Step k of the plan calls the network once on the whole batch at the current level map
-(`plan.levels[k]`, with the guidance branches batched into that call) and moves every updated
-token from its level now to its level next with `ddim.ddim_step`. Known tokens (update False)
-and tokens whose level does not change are left bit for bit.
+(`plan.at(k)`, computed inside the scan for compact plans, with the guidance branches batched into
+that call) and moves every updated token from its level now to its level next with
+`ddim.ddim_step`. Known tokens (update False) and tokens whose level does not change are left bit
+for bit.
 
-Start state: z = x_known noised per token to its starting level (exactly x_known at level 0, pure
-noise at level 1), so one code path serves generation, inpainting and editing.
+Start state: z = alpha(t_0) x_known + sigma(t_0) noise per token at its starting level t_0
+(`ddim.noised`: exactly x_known at level 0), so one code path serves generation, inpainting and
+editing. A token at level 1 therefore starts at sigma(1) * noise: the plain standard normal noise
+that diffusers-style samplers start from only when sigma(1) = 1, as for the built-in schedules
+(with or without a shift); a schedule with sigma(1) != 1 starts from noise scaled by sigma(1).
 
-Compilation: the plan, key, data, labels, eta, guidance scales and a numeric context level are
-traced; `denoise`, the schedule, the prediction type, `num_classes`, 'match' and which guidance
-branches exist (see `guidance.is_off`) are static. `denoise` is a static argument keyed by
+Compilation: the plan's arrays, key, data, labels, eta, guidance scales and a numeric context
+level are traced; the plan's step count, form and kind, `denoise`, the schedule, the prediction
+type, `num_classes`, 'match' and which guidance branches exist (see `guidance.is_off`) are
+static. `denoise` is a static argument keyed by
 identity: create it once per model and parameters (a new function object compiles again). To
 sample with parameters that change (evaluation during training), call `sample` inside a
 `jax.jit` of your own that takes the parameters as an argument and builds `denoise` there.
@@ -61,13 +66,20 @@ def sample(
 ) -> Array:
     """Samples along a plan with per-token DDIM.
 
+    The start state is z = alpha(t_0) x_known + sigma(t_0) noise at each token's starting level
+    t_0 (see `ddim.noised`): sigma(1) * noise for tokens starting at level 1, which is the plain
+    noise of diffusers-style samplers when sigma(1) = 1 (the built-in schedules).
+
     Args:
       denoise: (z [N, *tokens, C], levels [N, *tokens] float32, labels [N] int32 or None) ->
         prediction like z, of type `prediction`. N is B times the branches per step.
-      plan: the schedule field (levels [S + 1, B, *tokens], update [B, *tokens]).
+      plan: the schedule field (levels [S + 1, B, *tokens], update [B, *tokens]), compact or
+        materialised (`apd.plans`).
       key: PRNG key (start noise, DDIM noise, context noise; folded in per step).
       schedule: the noise schedule the model was trained with.
-      prediction: 'x', 'eps' or 'v' ('eps' cannot start from level 1: x is undefined there).
+      prediction: 'x', 'eps' or 'v'. 'eps' cannot step from a level where alpha = 0 (level 1 of
+        the built-in schedules): a ValueError is raised before tracing when an updated token
+        starts there.
       eta: DDIM stochastic coefficient in [0, 1] (0 deterministic, 1 ancestral; paper 0.25).
       x_known: [B, *tokens, C] float32, the data for tokens starting below level 1 (known tokens,
         edited images). Needed whenever the plan starts any token below 1.
@@ -85,6 +97,7 @@ def sample(
     checks.check_choice("prediction type", prediction, corruption.PREDICTIONS)
     shape = inputs.data_shape(plan, x_known, noise, channels)
     inputs.check_start(plan, x_known)
+    inputs.check_prediction_start(plan, prediction, schedule)
     branches = inputs.guidance_branches(cfg_scale, input_guidance, labels, num_classes)
     labels = inputs.check_labels(labels, plan.shape[0], num_classes)
     inputs.check_scalar("eta", eta, 0.0, 1.0)

@@ -9,6 +9,9 @@ and resampling harmonises the two: after every `jump_length` steps down the whol
 re-noised `jump_length` steps back up with the forward process, and those steps are redone,
 `resample` times in all (RePaint's j and r; r = 1 is plain replacement).
 
+Like `sample`, RePaint starts at alpha(1) * 0 + sigma(1) * noise = sigma(1) * noise (plain
+noise for the built-in schedules, whose sigma(1) is 1).
+
 The step sequence is RePaint's `get_schedule_jump` over `steps` levels t_k = k / steps, computed
 on the host; the sampler is one `lax.scan` over it, each item a step down (one network call) or a
 step up (no call). `repaint_schedule` gives the sequence, and `repaint_cost` the call count.
@@ -86,13 +89,16 @@ def repaint(
       key: PRNG key.
       schedule: the model's noise schedule.
       steps, jump_length, resample: T, j, r (RePaint's defaults 250, 10, 10).
-      prediction: 'x', 'eps' or 'v'.
+      prediction: 'x', 'v', or 'eps' only for a schedule with alpha(1) > 0 (RePaint steps from
+        level 1, where 'eps' leaves x undefined for the built-in schedules: ValueError).
       eta: DDIM coefficient of the steps down (1 = RePaint's ancestral steps).
       labels: [B] int32 or None; num_classes: for checking labels (0 = unchecked).
     Returns:
       [B, *tokens, C] float32; known tokens exactly x_known.
     """
     checks.check_choice("prediction type", prediction, corruption.PREDICTIONS)
+    if prediction == "eps" and inputs.alpha_at_noise(schedule) == 0.0:
+        raise inputs.eps_at_noise_error("RePaint starts every token at level 1")
     x_known = jnp.asarray(x_known, jnp.float32)
     if jnp.shape(mask) != x_known.shape[:-1]:
         raise ValueError(
@@ -155,7 +161,9 @@ def _repaint(
         key = jax.random.fold_in(key_steps, p)
         return jax.lax.cond(s < t, down, up, z, t, s, key), None
 
-    z0 = jax.random.normal(key_start, x_known.shape, jnp.float32)
+    # The start convention of `sample`: sigma(1) * noise (see `ddim.noised`).
+    noise = jax.random.normal(key_start, x_known.shape, jnp.float32)
+    z0 = ddim.noised(jnp.zeros_like(x_known), jnp.ones(token_shape), noise, schedule)
     items = (jnp.arange(levels.shape[0] - 1), levels[:-1], levels[1:])
     z, _ = jax.lax.scan(step, z0, items)
     return z
