@@ -1,10 +1,13 @@
 """Exports a training checkpoint's EMA parameters for evaluation and sampling elsewhere.
 
-    python -m apd.export --workdir=DIR [--step=N] [--which=ema_params] --out=EXPORT_DIR
+    python -m apd.export --workdir=DIR [--step=N] [--which=ema_params] --out=EXPORT_DIR [--verbose]
 
-EXPORT_DIR then holds `params/` (an Orbax standard checkpoint of the parameter tree, restorable on
-any device layout), `model.json` (model name, options, parameter count and shape hash, step) and
-`config.json` (the training config). `load(EXPORT_DIR)` reads it back.
+Without --step, the newest checkpoint whose parameters can be read is exported. EXPORT_DIR then
+holds `params/` (an Orbax standard checkpoint of the parameter tree, restorable on any device
+layout), `model.json` (model name, options, parameter count and shape hash, step) and
+`config.json` (the training config). `load(EXPORT_DIR)` reads it back. A user error (a non-empty
+or unwritable --out, no readable checkpoint) ends with one line `apd.export: error: ...` and exit
+code 1.
 """
 
 import json
@@ -16,14 +19,23 @@ import jax
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
 
+from apd import cli
 from apd.training import checkpoint as checkpoint_lib
 
 
 def export(workdir: str, out: str, step: int | None = None, which: str = "ema_params") -> int:
-    """Writes the export directory; returns the exported step."""
+    """Writes the export directory; returns the exported step.
+
+    Raises:
+      FileExistsError: `out` is a non-empty directory.
+      ValueError: `out` cannot be created (a file in the way, no write permission), or an
+        unknown step or tree (`restore_params`), checked before anything is written.
+      FileNotFoundError: the workdir holds no checkpoint.
+    """
     out = os.path.abspath(out)
-    if os.path.exists(out) and os.listdir(out):
+    if os.path.isdir(out) and os.listdir(out):
         raise FileExistsError(f"export directory {out} is not empty; choose a new --out.")
+    cli.check_writable_dir(out, "export directory")
     step, params, description = checkpoint_lib.restore_params(workdir, step, which)
     os.makedirs(out, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
@@ -72,4 +84,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main, "apd.export")

@@ -18,7 +18,8 @@ step and parameter hash, the head's attributes, the final training loss and a he
 evaluation on the test split (loss, target variance, R^2 = 1 - loss / variance). A relaunch
 with the same backbone and settings resumes up to --steps in all; a head trained against another
 backbone step or with other settings is replaced (or pass --restart). The directory is replaced
-only once the new head is written.
+only once the new head is written. A user error ends with one line
+`apd.train_uncertainty: error: ...` and exit code 1 (--verbose: traceback).
 """
 
 import dataclasses
@@ -36,7 +37,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
 
-from apd import corruption, levels, models, runs
+from apd import cli, corruption, levels, models, runs
 from apd import data as data_lib
 
 Array = jax.Array
@@ -382,4 +383,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main, "apd.train_uncertainty", flags_parser=parse_flags)

@@ -1,5 +1,7 @@
 """`train_and_evaluate(config, workdir)`: the whole training run, resumable from its workdir."""
 
+import dataclasses
+import json
 import os
 import signal
 import time
@@ -11,57 +13,108 @@ import numpy as np
 from absl import logging
 from clu import parameter_overview, periodic_actions
 
+from apd import checks, cli, corruption, levels, losses, plans
 from apd import data as data_lib
-from apd import plans
+from apd.evaluation import integrity
 from apd.sampling import images as sample_images
-from apd.training import builder
+from apd.training import builder, optim
 from apd.training import checkpoint as checkpoint_lib
 from apd.training import mesh as mesh_lib
 from apd.training import metrics as metrics_lib
 from apd.training import step as step_lib
 
+FINITE_METRICS = ("loss", "grad_norm", "param_norm", "ema_norm")
+"""Checked on every step before its state can be saved: loss and gradient norm of the step, and
+the norms of the new parameters and EMA (a norm that overflows float32 counts as non-finite)."""
 
-class _Preemption:
-    """SIGTERM sets a flag; the loop saves the current step and exits cleanly.
+
+class _Interruption:
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) set a flag; the loop saves the current step and
+    returns (`stopped_by` in its result). A second Ctrl-C aborts at once, without saving.
 
     With several processes, jax.distributed's preemption notifier owns SIGTERM and Orbax's
-    `reached_preemption` agrees on a common step across processes.
+    `reached_preemption` agrees on a common step across processes; Ctrl-C is passed to it as a
+    SIGTERM of this process.
     """
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.reason: str | None = None
+        self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._interrupt)}
         if jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._terminate)
 
-    def _handle(self, signum, frame):
+    def _terminate(self, signum, frame):
         del signum, frame
         logging.warning("SIGTERM received: saving a checkpoint and stopping.")
-        self.requested = True
+        self.reason = self.reason or "preemption"
+
+    def _interrupt(self, signum, frame):
+        del signum, frame
+        if self.reason is not None:
+            raise KeyboardInterrupt
+        self.reason = "Ctrl-C"
+        logging.warning(
+            "Ctrl-C received: saving a checkpoint and stopping (Ctrl-C again aborts unsaved)."
+        )
+        if jax.process_count() > 1:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def reached(self, checkpointer: checkpoint_lib.Checkpointer, step: int) -> bool:
         if jax.process_count() > 1:
             return checkpointer.manager.reached_preemption(step)
-        return self.requested
+        return self.reason is not None
 
     def restore(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def write_config(config: mc.ConfigDict, workdir: str) -> None:
+    """Writes WORKDIR/config.json (process 0) atomically: a temporary file renamed into place."""
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        integrity.write_json(
+            os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort())
+        )
 
 
-def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns final metrics."""
-    # ----------------------------------------------------------------------------------------
-    # Setup: workdir, config, mesh. Every check that can fail runs before any compilation.
-    # ----------------------------------------------------------------------------------------
-    os.makedirs(workdir, exist_ok=True)
-    write_config(config, workdir)
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """What `prepare` checked and built; nothing written, restored or compiled yet."""
+
+    mesh: jax.sharding.Mesh
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    train_iter: Any  # the grain iterator of this process's blocks of each global batch
+    run: builder.Run  # model, sharded state layout, jitted (not yet compiled) step
+    sample_plan: plans.Plan | None  # the plan of the sample grids, if any
+
+
+def prepare(config: mc.ConfigDict, workdir: str) -> Prepared:
+    """Checks the whole config against the devices, the data and the workdir.
+
+    In order: the workdir (a directory, or a path where one can be created); the step counts;
+    the mesh and the global batch split over it; the dataset, its files and the input stream;
+    the level sampler's parameters on the dataset's token grid; the optimizer, schedule,
+    prediction type and loss weighting; the sample grids' plan; the model (built and traced
+    abstractly, nothing allocated); an existing checkpoint's model against it. Nothing is
+    written, restored or compiled, so a rejected launch leaves the workdir (its config.json
+    included) exactly as it was.
+
+    Raises:
+      ValueError (IncompatibleCheckpointError for another model's checkpoint) or
+      FileNotFoundError (DatasetNotFoundError), naming the bad value and the expected form.
+    """
+    cli.check_writable_dir(workdir, "workdir")
+    for name, value, low in (
+        ("total_steps", config.total_steps, 1),
+        ("log_every_steps", config.log_every_steps, 1),
+        ("checkpoint.every_steps", config.checkpoint.every_steps, 1),
+        ("checkpoint.keep_last", config.checkpoint.keep_last, 1),
+        ("checkpoint.keep_every", config.checkpoint.keep_every or 0, 0),
+        ("sample_every_steps", config.get("sample_every_steps", 0) or 0, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"config.{name} must be an integer >= {low}; got {value!r}.")
     mesh = mesh_lib.make(config.mesh.data, config.mesh.fsdp)
     mesh_lib.check_batch_size(config.data.global_batch_size, mesh, jax.process_count())
     image_shape, num_classes = data_lib.dataset_info(config.data.name, config.data.image_size)
@@ -79,16 +132,56 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict[str, Any]:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-
-    # ----------------------------------------------------------------------------------------
-    # Model, state shardings and the jitted step.
-    # ----------------------------------------------------------------------------------------
+    levels.resolve_params(config.levels.name, image_shape[:-1], **config.levels.params)
+    optim.learning_rate(config.optimizer, config.total_steps)
+    step_lib.schedule_from_config(config)
+    checks.check_choice("prediction type", config.diffusion.prediction, corruption.PREDICTIONS)
+    checks.check_choice("loss weighting", config.diffusion.weighting, losses.WEIGHTINGS)
+    sample_plan = None
+    if config.get("sample_every_steps", 0):
+        sample_plan = plans.synchronous(config.sample.steps, config.sample.num, image_shape[:-1])
     run = builder.build(config, mesh, image_shape, num_classes)
+    checkpoint_lib.check_compatible(workdir, run.description)
+    return Prepared(mesh, tuple(image_shape), num_classes, train_iter, run, sample_plan)
+
+
+def _non_finite_message(step: int, values: dict[str, float], checkpointer) -> str:
+    """The error of a step whose loss, gradient or new parameters are not finite."""
+    checkpointer.wait()
+    latest = checkpointer.latest_step()
+    found = ", ".join(f"{name}={value:.6g}" for name, value in values.items())
+    fix = "lower --config.optimizer.lr (or raise --config.optimizer.warmup_steps) first"
+    if latest is None:
+        where = f"No checkpoint was written: a relaunch starts afresh; {fix}."
+    else:
+        where = (
+            f"The last checkpoint, step {latest} in {checkpointer.directory}, holds finite "
+            f"parameters and EMA; the run is deterministic, so a relaunch resumes from it and "
+            f"meets step {step} again unless you {fix}."
+        )
+    return f"non-finite training state at step {step} ({found}); it was not saved. {where}"
+
+
+def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint.
+
+    Every check that can reject the launch (`prepare`) runs before anything is written,
+    restored or compiled; config.json is written (atomically) once the state is restored or
+    initialised.
+
+    Returns:
+      The last logged metrics, with `step` (the last step trained) and `stopped_by`: None, or
+      'preemption' (SIGTERM) or 'Ctrl-C' when a signal stopped the run after saving that step.
+    """
+    prepared = prepare(config, workdir)
+    run, train_iter, mesh = prepared.run, prepared.train_iter, prepared.mesh
+    num_classes = prepared.num_classes
+    os.makedirs(workdir, exist_ok=True)
 
     sample_every = config.get("sample_every_steps", 0)
     if sample_every:
         # Fixed noise and labels, so the grids are comparable across steps.
-        sample_plan = plans.synchronous(config.sample.steps, config.sample.num, image_shape[:-1])
+        sample_plan = prepared.sample_plan
         sample_labels = (
             np.arange(config.sample.num, dtype=np.int32) % num_classes if num_classes else None
         )
@@ -96,7 +189,7 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict[str, Any]:
             run.model.apply,
             schedule=step_lib.schedule_from_config(config),
             prediction=config.diffusion.prediction,
-            channels=image_shape[-1],
+            channels=prepared.image_shape[-1],
             eta=config.sample.eta,
             num_classes=num_classes,
             out_sharding=mesh_lib.replicated(mesh),
@@ -110,45 +203,47 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict[str, Any]:
         keep_every=config.checkpoint.keep_every,
         async_save=config.checkpoint.async_save,
     )
-    start = checkpointer.latest_step()
-    if start is None:
-        state = run.init()
-        start = 0
-    else:
-        state = checkpointer.restore(start, run.abstract_state, train_iter, run.description)
-
-    writer = metrics_lib.create_writer(workdir)
-    if start == 0:
-        parameter_overview.log_parameter_overview(state.params)
-        writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
-
-    # ----------------------------------------------------------------------------------------
-    # The loop. Metrics are read one step late so the host never waits on the device.
-    # ----------------------------------------------------------------------------------------
-    total = config.total_steps
-    progress = periodic_actions.ReportProgress(
-        num_train_steps=total, writer=writer, every_secs=config.get("progress_every_secs", 30.0)
-    )
-    preemption = _Preemption()
-    history: list[dict[str, np.ndarray]] = []
-    pending = None  # (step, device metrics) of the last dispatched step
-    input_wait = 0.0
-    t_log = time.perf_counter()
+    writer = None
+    interruption = None
+    step = 0
     last: dict[str, Any] = {}
-
-    def drain(pending):
-        step_done, device_metrics = pending
-        host = jax.device_get(device_metrics)
-        if not np.isfinite(host["loss"]) or not np.isfinite(host["grad_norm"]):
-            raise FloatingPointError(
-                f"non-finite training loss at step {step_done}: loss={host['loss']}, "
-                f"grad_norm={host['grad_norm']}. The last checkpoint "
-                f"(step {checkpointer.latest_step()}) is intact."
-            )
-        history.append(host)
-
-    step = start
     try:
+        restored = checkpointer.restore_latest(run.abstract_state, train_iter, run.description)
+        if restored is None:
+            state, start = run.init(), 0
+        else:
+            start, state = restored
+        write_config(config, workdir)
+        writer = metrics_lib.create_writer(workdir)
+        if start == 0:
+            parameter_overview.log_parameter_overview(state.params)
+            writer.write_hparams(
+                {k: v for k, v in config.to_dict().items() if not isinstance(v, dict)}
+            )
+
+        # ------------------------------------------------------------------------------------
+        # The loop. Metrics are read one step late so the host never waits on the device;
+        # every step's metrics are checked before its state can be saved.
+        # ------------------------------------------------------------------------------------
+        total = config.total_steps
+        progress = periodic_actions.ReportProgress(
+            num_train_steps=total, writer=writer, every_secs=config.get("progress_every_secs", 30.0)
+        )
+        interruption = _Interruption()
+        history: list[dict[str, np.ndarray]] = []
+        pending = None  # (step, device metrics) of the last dispatched step
+        input_wait = 0.0
+        t_log = time.perf_counter()
+
+        def drain(pending):
+            step_done, device_metrics = pending
+            host = jax.device_get(device_metrics)
+            values = {name: float(host[name]) for name in FINITE_METRICS}
+            if not all(np.isfinite(v) for v in values.values()):
+                raise FloatingPointError(_non_finite_message(step_done, values, checkpointer))
+            history.append(host)
+
+        step = start
         while step < total:
             t0 = time.perf_counter()
             batch = builder.global_batch(next(train_iter), run.batch_sharding)
@@ -168,7 +263,7 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict[str, Any]:
                 writer.write_scalars(step, last)
                 history, input_wait, t_log = [], 0.0, time.perf_counter()
 
-            stop = preemption.reached(checkpointer, step)
+            stop = interruption.reached(checkpointer, step)
             if stop or step == total or checkpointer.manager.should_save(step):
                 if pending is not None:
                     drain(pending)
@@ -185,13 +280,21 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict[str, Any]:
                         os.path.join(workdir, "samples", f"step_{step:08d}.png"), images
                     )
             if stop:
-                logging.warning("Stopped by preemption at step %d; relaunch to resume.", step)
+                logging.warning(
+                    "Stopped by %s at step %d; relaunch to resume.",
+                    interruption.reason or "preemption",
+                    step,
+                )
                 break
     finally:
-        preemption.restore()
-        checkpointer.close()
-        writer.flush()
-    return last | {"step": step}
+        if interruption is not None:
+            interruption.restore()
+        try:
+            checkpointer.close()
+        finally:
+            if writer is not None:
+                writer.flush()
+    return last | {"step": step, "stopped_by": interruption.reason if interruption else None}
 
 
 def summarise(history, elapsed, input_wait, global_batch_size) -> dict[str, float]:
@@ -199,7 +302,7 @@ def summarise(history, elapsed, input_wait, global_batch_size) -> dict[str, floa
     out: dict[str, float] = {}
     if not history:
         return out
-    for name in ("loss", "grad_norm", "param_norm"):
+    for name in FINITE_METRICS:
         out[name] = float(np.mean([h[name] for h in history]))
     sums = np.sum([h["loss_per_level"] for h in history], axis=0)
     counts = np.sum([h["tokens_per_level"] for h in history], axis=0)

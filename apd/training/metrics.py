@@ -1,7 +1,9 @@
 """Metric writers: TensorBoard event files (clu) plus a JSON-lines file, on process 0 only.
 
 `WORKDIR/metrics.jsonl` holds one object per write: {"step": N, "name": value, ...}; it is what
-scripts and the report read. Non-zero processes log nothing to files.
+scripts and the report read. Each write is flushed at once (one line per log interval), so the
+file holds every logged step while the run goes on and after it is killed. Non-zero processes
+log nothing to files.
 """
 
 import json
@@ -16,7 +18,8 @@ from clu.metric_writers import interface
 
 
 class JsonlWriter(interface.MetricWriter):
-    """Appends scalars (and hparams) as JSON lines; survives restarts by appending."""
+    """Appends scalars (and hparams) as JSON lines, flushed on every write; survives restarts by
+    appending."""
 
     def __init__(self, path: str):
         self._path = path
@@ -24,6 +27,7 @@ class JsonlWriter(interface.MetricWriter):
 
     def _write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         self._write({"step": int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}})

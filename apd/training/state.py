@@ -5,6 +5,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import optax
 
 
 @flax.struct.dataclass
@@ -31,3 +32,16 @@ def ema_decay(step: jax.Array, decay: float) -> jax.Array:
 
 def update_ema(ema: Any, params: Any, decay: jax.Array) -> Any:
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+_norm = jax.jit(optax.tree.norm)
+
+
+def is_finite(tree: Any) -> bool:
+    """Whether a parameter tree's global L2 norm is finite.
+
+    False for any NaN or Inf, and for values so large that their squares overflow float32 (about
+    1e19): the training step reports the same norms (`param_norm`, `ema_norm`), and the loop saves
+    no state, and resumes from none, that fails this test.
+    """
+    return bool(jnp.isfinite(_norm(tree)))

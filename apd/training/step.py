@@ -43,8 +43,10 @@ def make_train_step(
       batch_sharding: sharding of batch-major arrays (level maps, noise), or None.
     Returns:
       The step. batch: {'image': [B, H, W, C] float32 in [-1, 1], 'label': [B] int32}.
-      metrics: loss, grad_norm, param_norm (scalars), loss_per_level (sums [10]) and
-      tokens_per_level (counts [10]) over the tokens' own levels.
+      metrics: loss and grad_norm (of the parameters the step starts from), param_norm and
+      ema_norm (of the updated parameters and EMA: the loop saves no state whose norms are not
+      finite), scalars; loss_per_level (sums [10]) and tokens_per_level (counts [10]) over the
+      tokens' own levels.
     """
     schedule = schedule_from_config(config)
     diff = config.diffusion
@@ -100,6 +102,7 @@ def make_train_step(
             "loss": loss,
             "grad_norm": optax.tree.norm(grads),
             "param_norm": optax.tree.norm(params),
+            "ema_norm": optax.tree.norm(ema),
             "loss_per_level": sums,
             "tokens_per_level": counts,
         }
