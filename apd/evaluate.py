@@ -40,9 +40,10 @@ import jax
 from absl import app, flags, logging
 from clu import metric_writers
 
-from apd import __version__, runs
+from apd import __version__, cli, runs
 from apd.data import fashion_mnist
 from apd.evaluation import integrity, lpips, protocol, report
+from apd.training import checkpoint as checkpoint_lib
 
 _FLAGS = flags.FlagValues()
 _OVERRIDES: list[tuple[str, str]] = []  # --config.KEY=VALUE, in order
@@ -94,16 +95,24 @@ UNITS_DIR = "units"
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-    """Committed checkpoint steps of a workdir (Orbax renames a step's directory into place
-    only once it is complete, so an integer name is a committed step)."""
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        return []
-    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+    """Committed checkpoint steps of a training workdir (`checkpoint.steps_on_disk`)."""
+    return checkpoint_lib.steps_on_disk(os.path.join(workdir, checkpoint_lib.CHECKPOINT_DIR))
 
 
 def step_dir(out: str, step: int) -> str:
     return os.path.join(out, f"step_{step:08d}")
+
+
+def check_workdir(workdir: str) -> None:
+    """FileNotFoundError naming the workdir when it does not exist or no training ran there."""
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"no such workdir: {workdir}.")
+    if not checkpoint_steps(workdir) and not os.path.exists(os.path.join(workdir, "config.json")):
+        raise FileNotFoundError(
+            f"the workdir {workdir} holds no checkpoint (nor the config.json a training writes): "
+            f"train one first, python -m apd.train --config=experiments/NAME.py "
+            f"--workdir={workdir}, then evaluate it (or run apd.evaluate --follow beside it)."
+        )
 
 
 class Evaluation:
@@ -113,6 +122,7 @@ class Evaluation:
         self.workdir = os.path.abspath(workdir)
         self.out = os.path.abspath(out)
         self.options = options
+        check_workdir(self.workdir)
         run_config = runs.read_config(self.workdir)
         if config is None:
             if "evaluate" not in run_config:
@@ -152,9 +162,14 @@ class Evaluation:
             )
         if kind == "fmnist" and run_config.data.name != "fashion_mnist":
             raise ValueError("evaluate.features='fmnist' is for fashion_mnist runs only.")
-        if self.needs_fid and kind == "inception" and not self.options["inception_weights"]:
-            protocol.require_inception_weights(None, run_config.data.name)
         self.feature_kind = kind if self.needs_fid else "none"
+        self._inception_variables = None
+        if self.feature_kind == "inception":  # read now: a bad file fails before any sampling
+            from apd.evaluation import inception
+
+            weights = self.options["inception_weights"]
+            protocol.require_inception_weights(weights, run_config.data.name)
+            self._inception_variables = inception.load_variables(weights)
         self.run_config = run_config
 
     def features(self):
@@ -173,6 +188,7 @@ class Evaluation:
                     self.run_config.data,
                     split,
                     self.evaluate.num_reference,
+                    variables=self._inception_variables,
                 )
         return self._features
 
@@ -341,33 +357,30 @@ def main(argv: Sequence[str]) -> None:
     }
     workdir = f["workdir"].value
     out = f["out"].value or os.path.join(workdir, "eval")
-    try:
-        config = None
-        if f["config"].value:
-            config = load_config(f["config"].value, _OVERRIDES)
-        elif _OVERRIDES:
-            raise ValueError("--config.KEY=VALUE overrides need --config.")
-        evaluation = Evaluation(workdir, config, out, options)
-        if f["follow"].value:
-            if f["checkpoint"].value is not None:
-                raise ValueError("--follow and --checkpoint exclude each other.")
-            steps = follow(evaluation, f["poll_secs"].value, f["timeout_secs"].value)
-        else:
-            available = checkpoint_steps(evaluation.workdir)
-            if not available:
-                raise FileNotFoundError(
-                    f"no committed checkpoint in {evaluation.workdir}/checkpoints: train first "
-                    "(python -m apd.train), or use --follow to wait for one."
-                )
-            step = f["checkpoint"].value
-            if step is None:
-                step = max(available)
-            elif step not in available:
-                raise ValueError(f"no checkpoint at step {step}; available: {available}.")
-            evaluation.run_step(step)
-            steps = [step]
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"apd.evaluate: error: {err}")
+    config = None
+    if f["config"].value:
+        config = load_config(f["config"].value, _OVERRIDES)
+    elif _OVERRIDES:
+        raise ValueError("--config.KEY=VALUE overrides need --config.")
+    evaluation = Evaluation(workdir, config, out, options)
+    if f["follow"].value:
+        if f["checkpoint"].value is not None:
+            raise ValueError("--follow and --checkpoint exclude each other.")
+        steps = follow(evaluation, f["poll_secs"].value, f["timeout_secs"].value)
+    else:
+        available = checkpoint_steps(evaluation.workdir)
+        if not available:
+            raise FileNotFoundError(
+                f"no committed checkpoint in {evaluation.workdir}/checkpoints: train first "
+                "(python -m apd.train), or use --follow to wait for one."
+            )
+        step = f["checkpoint"].value
+        if step is None:
+            step = max(available)
+        elif step not in available:
+            raise ValueError(f"no checkpoint at step {step}; available: {available}.")
+        evaluation.run_step(step)
+        steps = [step]
     print(f"evaluated steps {steps}; report: {os.path.join(evaluation.out, 'report.md')}")
 
 
@@ -386,6 +399,7 @@ def load_config(spec: str, overrides: Sequence[tuple[str, str]] = ()):
     module_spec.loader.exec_module(module)
     config = module.get_config(arg or None)
     config.lock()
+    level_overrides, overrides = cli.split_level_overrides(overrides)
     for key, raw in overrides:
         try:
             value = ast.literal_eval(raw)
@@ -404,6 +418,7 @@ def load_config(spec: str, overrides: Sequence[tuple[str, str]] = ()):
             raise ValueError(f"--config.{key}={raw}: no such config key ({hint}).") from None
         except TypeError as err:
             raise ValueError(f"--config.{key}={raw}: {err}") from None
+    cli.apply_level_overrides(config, level_overrides)  # a new sampler starts from its defaults
     return config
 
 
@@ -424,4 +439,4 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main, "apd.evaluate", flags_parser=parse_flags)

@@ -11,7 +11,8 @@ The run's EMA parameters are used (the latest checkpoint, or --step; an export h
 
 Plans:
   synchronous     every pixel 1 -> 0 in --steps steps.
-  inpaint         known pixels (--mask) kept exactly, the others 1 -> 0 in --steps steps.
+  inpaint         known pixels (--mask, default half) kept exactly, the others 1 -> 0 in
+                  --steps steps.
   edit            pixel i from its --strength (noised image) to 0 in --steps steps; strength 0
                   keeps the pixel.
   autoregressive  K x K patches (--patches) generated one after another in --order, each over
@@ -25,16 +26,23 @@ Plans:
                   image from its easiest to its hardest pixel, or by --difficulty_low/high) and
                   pixel i gets round(min_steps + (steps - min_steps) * d_i) steps (--align).
                   The network-call count is printed next to the synchronous plan's.
-  repaint         the RePaint baseline (--jump, --resample; eta 1) on --mask.
+  repaint         the RePaint baseline (--jump, --resample; eta 1) on --mask (default half).
 
-Masks (1 = known): half (left half known), top (top half known), square (a centred square of
-half the side to generate), patches (each cell of a 4 x 4 grid to generate with probability
-1/2, per image), or FILE.npy ([H, W] or [N, H, W], 0/1). Strength maps: linear (0 at the left
-edge, kept, rising to 1 at the right edge) or FILE.npy ([H, W] or [N, H, W] in [0, 1]). Input
-images are the first --num images of the dataset's --split.
+Masks (1 = known; the families of `apd.evaluation.masks`, drawn per image from --seed; the first
+six are the evaluation's, so --mask=wide --seed=S gives the masks of evaluation seed S): extrema
+(only a box of half the height and width known), square (a box of half the height and width to
+generate), thin and wide (LaMa's free-form strokes), half (the left, right, top or bottom half
+known), perlin (Perlin regions), top (the top half known), patches (each cell of a 4 x 4 grid to
+generate with probability 1/2); or FILE.npy ([H, W] or [N, H, W], 0/1).
+Strength maps: linear (0 at the left edge, kept, rising to 1 at the right edge) or FILE.npy
+([H, W] or [N, H, W] in [0, 1]). Input images are the first --num images of the dataset's
+--split.
 
 Labels (class-conditional models): auto (the images' labels for plans with inputs, else
 random), random, data, null (unconditional), or class ids '3' / '0,1,2' (repeated cyclically).
+
+Sampling goes through `apd.run_sampler.Sampler` (chunks of --batch, the last one padded; chunk
+i draws from fold_in(key(--seed), i)), so the same call from a notebook gives the same arrays.
 
 Output in --out: samples.png (the grid; inputs with masks, strength or step-count maps beside
 the samples where the plan has them), samples.npz (samples uint8 [N, H, W, C] and
@@ -47,26 +55,20 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from apd import checks, plans, runs, sampling
+from apd import checks, cli, plans, run_sampler, runs, sampling
+from apd.evaluation import masks as masks_lib
 from apd.sampling import images
 
-Array = jax.Array
-
 PLANS = ("synchronous", "inpaint", "edit", "autoregressive", "adaptive", "repaint")
-MASKS = ("half", "top", "square", "patches")
-LABEL_MODES = ("auto", "random", "data", "null")
+MASKS = masks_lib.ALL_FAMILIES
 _WITH_INPUTS = ("inpaint", "edit", "repaint")
-_PATCH_CELLS = 4  # the 'patches' mask: a 4 x 4 grid of cells
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +125,12 @@ def _define_flags() -> None:
     flags.DEFINE_string("labels", d.labels, "auto|random|data|null|ids like 0,1,2.", flag_values=f)
     flags.DEFINE_integer("seed", d.seed, "Seed of noise, labels, masks, orders.", flag_values=f)
     flags.DEFINE_string("split", d.split, "Dataset split of input images.", flag_values=f)
-    flags.DEFINE_string("mask", None, f"{'|'.join(MASKS)}|FILE.npy (1 = known).", flag_values=f)
+    flags.DEFINE_string(
+        "mask",
+        None,
+        f"{'|'.join(MASKS)} (drawn from --seed) or FILE.npy (1 = known); default half.",
+        flag_values=f,
+    )
     flags.DEFINE_string("strength", d.strength, "Edit strength: linear|FILE.npy.", flag_values=f)
     flags.DEFINE_integer("patches", d.patches, "Autoregressive: patches per side.", flag_values=f)
     flags.DEFINE_integer("steps_per_group", d.steps_per_group, "Autoregressive.", flag_values=f)
@@ -182,45 +189,8 @@ def check_options(options: Options) -> None:
             "the repaint baseline takes no guidance; got --cfg_scale="
             f"{options.cfg_scale!r}, --input_guidance={options.input_guidance!r}."
         )
-    if options.labels not in LABEL_MODES:
-        _parse_ids(options.labels)
-
-
-def _parse_ids(spec: str) -> list[int]:
-    try:
-        ids = [int(s) for s in spec.split(",")]
-    except ValueError:
-        raise ValueError(
-            f"--labels must be one of {LABEL_MODES} or class ids such as '3' or '0,1,2'; got "
-            f"{spec!r}."
-        ) from None
-    return ids
-
-
-def resolve_labels(
-    spec: str, num_classes: int, num: int, data_labels: np.ndarray | None, seed: int
-) -> np.ndarray | None:
-    """Labels int32 [num] for a class-conditional model (num_classes = null), or None."""
-    if num_classes == 0:
-        if spec not in ("auto", "null"):
-            raise ValueError(f"the model is unconditional: --labels={spec!r} cannot be used.")
-        return None
-    if spec == "auto":
-        spec = "data" if data_labels is not None else "random"
-    if spec == "data":
-        if data_labels is None:
-            raise ValueError("--labels=data needs input images (plans inpaint, edit, repaint).")
-        return data_labels.astype(np.int32)
-    if spec == "random":
-        return np.random.default_rng(seed).integers(0, num_classes, num).astype(np.int32)
-    if spec == "null":
-        return np.full(num, num_classes, np.int32)
-    ids = np.asarray(_parse_ids(spec), np.int32)
-    if ids.min() < 0 or ids.max() > num_classes:
-        raise ValueError(
-            f"--labels ids must lie in [0, {num_classes}] ({num_classes} = null); got {spec!r}."
-        )
-    return np.resize(ids, num)
+    if options.labels not in run_sampler.LABEL_MODES:
+        run_sampler.parse_label_ids(options.labels, "--labels")
 
 
 def _from_file(path: str, what: str, num: int, grid: tuple[int, int]) -> np.ndarray:
@@ -239,28 +209,15 @@ def _from_file(path: str, what: str, num: int, grid: tuple[int, int]) -> np.ndar
 
 
 def make_masks(spec: str, num: int, grid: tuple[int, int], seed: int) -> np.ndarray:
-    """Inpainting masks uint8 [num, H, W], 1 = known (see the module docstring)."""
-    H, W = grid
+    """Inpainting masks uint8 [num, H, W], 1 = known: a family of `apd.evaluation.masks` drawn
+    from `seed`, or a FILE.npy."""
     if spec.endswith(".npy"):
         masks = _from_file(spec, "mask", num, grid)
         if not np.isin(masks, (0.0, 1.0)).all():
             raise ValueError(f"--mask file {spec} must hold only 0 (generate) and 1 (known).")
         return masks.astype(np.uint8)
     checks.check_choice("mask", spec, MASKS)
-    rows, cols = np.arange(H)[:, None], np.arange(W)[None, :]
-    if spec == "half":
-        known = np.broadcast_to(cols < W // 2, grid)
-    elif spec == "top":
-        known = np.broadcast_to(rows < H // 2, grid)
-    elif spec == "square":
-        inside = (abs(2 * rows - (H - 1)) < H // 2) & (abs(2 * cols - (W - 1)) < W // 2)
-        known = ~inside
-    else:  # patches
-        cells = np.random.default_rng(seed).random((num, _PATCH_CELLS, _PATCH_CELLS)) < 0.5
-        cell_rows = (np.arange(H) * _PATCH_CELLS) // H
-        cell_cols = (np.arange(W) * _PATCH_CELLS) // W
-        return (~cells[:, cell_rows][:, :, cell_cols]).astype(np.uint8)
-    return np.broadcast_to(known, (num, *grid)).astype(np.uint8)
+    return masks_lib.make_masks(spec, seed, num, grid)
 
 
 def make_strength(spec: str, num: int, grid: tuple[int, int]) -> np.ndarray:
@@ -278,122 +235,54 @@ def make_strength(spec: str, num: int, grid: tuple[int, int]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def _pad(arr: np.ndarray | None, size: int) -> np.ndarray | None:
-    """Pads axis 0 to `size` by repeating the last row (a full last chunk: one compilation)."""
-    if arr is None or arr.shape[0] == size:
-        return arr
-    return np.concatenate([arr, np.repeat(arr[-1:], size - arr.shape[0], axis=0)])
-
-
-def _steps_per_pixel(plan: plans.Plan) -> np.ndarray:
-    """[B, *tokens] int32: the steps in which each token's level falls (its network calls)."""
-    lv = np.broadcast_to(np.asarray(plan.levels), (plan.levels.shape[0], *plan.shape))
-    return np.sum(lv[1:] < lv[:-1], axis=0).astype(np.int32)
-
-
-class _Sampler:
-    """Samples chunks of a fixed size with one compiled program per plan shape."""
-
-    def __init__(self, run: runs.Run, options: Options, eta: float):
-        self.run = run
-        self.options = options
-        self.head = runs.load_uncertainty(run) if options.plan == "adaptive" else None
-        if self.head is not None:
-            self.predict = jax.jit(runs.log_error_fn(run.model, self.head.head))
-        if options.plan == "repaint":
-            self.repaint_fn = jax.jit(
-                lambda params, x_known, masks, key, labels: sampling.repaint(
-                    images.denoiser(run.model.apply, params),
-                    x_known,
-                    masks,
-                    key,
-                    schedule=run.schedule,
-                    steps=options.steps,
-                    jump_length=options.jump,
-                    resample=options.resample,
-                    prediction=run.prediction,
-                    eta=eta,
-                    labels=labels,
-                    num_classes=run.num_classes,
-                )
-            )
-        self.sample_fn = images.make_sample_fn(
-            run.model.apply,
-            schedule=run.schedule,
-            prediction=run.prediction,
-            channels=run.image_shape[-1],
-            eta=eta,
-            num_classes=run.num_classes,
-            cfg_scale=options.cfg_scale,
-            input_guidance=options.input_guidance,
-        )
-
-    def plan(
-        self,
-        key: Array,
-        batch: int,
-        noise: Array,
-        x_known: Array | None,
-        masks: np.ndarray | None,
-        strength: np.ndarray | None,
-        labels: Array | None,
-    ) -> tuple[plans.Plan, dict[str, np.ndarray]]:
-        """The chunk's plan and the per-sample arrays it adds to the output."""
-        o = self.options
-        grid = self.run.image_shape[:-1]
-        if o.plan == "synchronous":
-            return plans.synchronous(o.steps, batch, grid), {}
-        if o.plan == "inpaint":
-            return plans.inpaint(masks, o.steps), {}
-        if o.plan == "edit":
-            return plans.edit(strength, o.steps), {}
-        if o.plan == "autoregressive":
-            plan = plans.autoregressive(
-                grid, batch, o.patches, o.steps_per_group, order=o.order, overlap=o.overlap, key=key
-            )
-            return plan, {}
-        # adaptive: the head's prediction at the start state z0, the state `sample` starts from.
-        if masks is None:
-            start = jnp.ones((batch, *grid), jnp.float32)
-        else:
-            start = 1.0 - jnp.asarray(masks, jnp.float32)
-        x0 = jnp.zeros_like(noise) if x_known is None else x_known
-        z0 = sampling.noised(x0, start, noise, self.run.schedule)
-        log_error = self.predict(self.run.params, self.head.params, z0, start, labels)
-        difficulty = plans.difficulty_from_log_error(
-            log_error, start > 0, low=o.difficulty_low, high=o.difficulty_high
-        )
-        plan = plans.adaptive(lambda _: difficulty, (min_steps(o), o.steps), start, align=o.align)
-        extra = {"steps_per_pixel": _steps_per_pixel(plan), "log_error": np.asarray(log_error)}
-        return plan, extra
-
-    def __call__(
-        self,
-        key: Array,
-        batch: int,
-        x_known: np.ndarray | None,
-        masks: np.ndarray | None,
-        strength: np.ndarray | None,
-        labels: np.ndarray | None,
-    ) -> tuple[Array, dict[str, np.ndarray], sampling.Cost]:
-        """Samples one chunk of `batch`: (samples [batch, H, W, C], extras, network cost)."""
-        o = self.options
-        k_noise, k_plan, k_sample = jax.random.split(key, 3)
-        labels = None if labels is None else jnp.asarray(labels)
-        x_known = None if x_known is None else jnp.asarray(x_known)
-        if o.plan == "repaint":
-            x = self.repaint_fn(self.run.params, x_known, jnp.asarray(masks), k_sample, labels)
-            return x, {}, sampling.repaint_cost(batch, o.steps, o.jump, o.resample)
-        noise = jax.random.normal(k_noise, (batch, *self.run.image_shape), jnp.float32)
-        plan, extra = self.plan(k_plan, batch, noise, x_known, masks, strength, labels)
-        x = self.sample_fn(self.run.params, plan, k_sample, x_known, noise, labels)
-        cost = sampling.sample_cost(plan, cfg_scale=o.cfg_scale, input_guidance=o.input_guidance)
-        return x, extra, cost
-
-
 def min_steps(options: Options) -> int:
     """The adaptive plan's fewest steps per pixel: --min_steps, default 2 * steps // 5."""
-    return max(1, 2 * options.steps // 5) if options.min_steps is None else options.min_steps
+    if options.min_steps is None:
+        return run_sampler.default_min_steps(options.steps)
+    return options.min_steps
+
+
+def sample_plan(
+    sampler: run_sampler.Sampler,
+    options: Options,
+    eta: float,
+    inputs: np.ndarray | None,
+    masks: np.ndarray | None,
+    strength: np.ndarray | None,
+    labels: np.ndarray | None,
+) -> run_sampler.Samples:
+    """The library call that --plan and the other options stand for."""
+    o = options
+    common = dict(labels=labels, seed=o.seed, eta=eta)
+    guided = dict(common, cfg_scale=o.cfg_scale, input_guidance=o.input_guidance)
+    if o.plan == "synchronous":
+        return sampler.generate(o.num, steps=o.steps, **guided)
+    if o.plan == "inpaint":
+        return sampler.inpaint(inputs, masks, steps=o.steps, **guided)
+    if o.plan == "edit":
+        return sampler.edit(inputs, strength, steps=o.steps, **guided)
+    if o.plan == "autoregressive":
+        return sampler.autoregressive(
+            o.num,
+            patches=o.patches,
+            steps_per_group=o.steps_per_group,
+            order=o.order,
+            overlap=o.overlap,
+            **guided,
+        )
+    if o.plan == "adaptive":
+        return sampler.adaptive(
+            o.num,
+            steps=o.steps,
+            min_steps=min_steps(o),
+            images=inputs,
+            known=masks,
+            align=o.align,
+            difficulty_low=o.difficulty_low,
+            difficulty_high=o.difficulty_high,
+            **guided,
+        )
+    return sampler.repaint(inputs, masks, steps=o.steps, jump=o.jump, resample=o.resample, **common)
 
 
 def run(options: Options) -> dict:
@@ -402,12 +291,12 @@ def run(options: Options) -> dict:
     check_options(options)
     loaded = runs.load(options.workdir, export_dir=options.export, step=options.step)
     eta = options.eta if options.eta is not None else 1.0 if options.plan == "repaint" else 0.25
-    sampler = _Sampler(loaded, options, eta)  # fails here if adaptive has no head
+    sampler = run_sampler.Sampler(loaded, batch=min(options.batch, options.num))
+    if options.plan == "adaptive":
+        sampler.uncertainty_head()  # fails here, before any input is read, without a head
 
-    # ----------------------------------------------------------------------------------------
     # Per-sample inputs: images, masks, strength maps, labels.
-    # ----------------------------------------------------------------------------------------
-    num, grid = options.num, loaded.image_shape[:-1]
+    num, grid = options.num, sampler.grid
     mask_spec = options.mask
     if mask_spec is None and options.plan in ("inpaint", "repaint"):
         mask_spec = "half"
@@ -416,38 +305,16 @@ def run(options: Options) -> dict:
     inputs = data_labels = None
     if options.plan in _WITH_INPUTS or masks is not None:
         inputs, data_labels = runs.first_images(loaded, options.split, num)
-    labels = resolve_labels(options.labels, loaded.num_classes, num, data_labels, options.seed)
+    labels = run_sampler.resolve_labels(
+        options.labels, loaded.num_classes, num, options.seed, data_labels, name="--labels"
+    )
 
-    # ----------------------------------------------------------------------------------------
-    # Sampling in chunks of --batch (the last one padded), one key per chunk.
-    # ----------------------------------------------------------------------------------------
-    batch = min(options.batch, num)
-    key = jax.random.key(options.seed)
-    outputs, extras, costs = [], [], []
-    for i in range(math.ceil(num / batch)):
-        part = slice(i * batch, min((i + 1) * batch, num))
-        n = part.stop - part.start
-        chunk = [None if a is None else _pad(a[part], batch) for a in (inputs, masks, strength)]
-        x, extra, cost = sampler(
-            jax.random.fold_in(key, i),
-            batch,
-            *chunk,
-            _pad(None if labels is None else labels[part], batch),
-        )
-        outputs.append(np.asarray(x)[:n])
-        extras.append({k: v[:n] for k, v in extra.items()})
-        costs.append(cost)
-        logging.info(
-            "Sampled %d/%d (%d network calls per chunk).", part.stop, num, cost.network_calls
-        )
-    samples = np.concatenate(outputs)
+    result = sample_plan(sampler, options, eta, inputs, masks, strength, labels)
 
-    # ----------------------------------------------------------------------------------------
     # Output: samples.npz, samples.png, sample_info.json.
-    # ----------------------------------------------------------------------------------------
     arrays: dict[str, np.ndarray] = {
-        "samples": images.to_uint8(samples),
-        "samples_float": samples.astype(np.float32),
+        "samples": images.to_uint8(result.images),
+        "samples_float": result.images.astype(np.float32),
     }
     if labels is not None:
         arrays["labels"] = labels
@@ -458,13 +325,12 @@ def run(options: Options) -> dict:
         arrays["masks"] = masks
     if strength is not None:
         arrays["strength"] = strength
-    for name in extras[0]:
-        arrays[name] = np.concatenate([e[name] for e in extras])
+    arrays.update(result.extras)
     os.makedirs(options.out, exist_ok=True)
     np.savez_compressed(os.path.join(options.out, "samples.npz"), **arrays)
     _write_png(os.path.join(options.out, "samples.png"), options, arrays)
 
-    info = _info(options, loaded, eta, costs, arrays, time.perf_counter() - t_start)
+    info = _info(options, loaded, eta, list(result.costs), arrays, time.perf_counter() - t_start)
     with open(os.path.join(options.out, "sample_info.json"), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2, sort_keys=True)
     return info
@@ -565,10 +431,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(runs.quiet_orbax)
     options = runs.options_from_flags(_FLAGS, Options)
-    try:
-        info = run(options)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"apd.sample: error: {err}")
+    info = run(options)
     calls = info["network_calls"]
     line = (
         f"{info['num']} samples ({info['plan']}, checkpoint step "
@@ -585,4 +448,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main, "apd.sample", flags_parser=parse_flags)

@@ -1,4 +1,4 @@
-"""The evaluation binary (`python -m apd.evaluate`) and the sampler ablation's runner and table.
+"""The evaluation binary (`python -m apd.evaluate`) and the sampler ablation's config.
 
 A smoke training run (module fixture) gives a checkpoint and a tiny feature network stands in
 for the trained one; the binary runs in-process on the smoke config's evaluation (tiny counts),
@@ -202,8 +202,16 @@ def test_evaluate_errors(workdir, feature_dir, tmp_path, data_path):
         evaluate_main(workdir, feature_dir, "--checkpoint=7")
     with pytest.raises(SystemExit, match="trained on 'fashion_mnist'"):
         evaluate_main(workdir, feature_dir, config="experiments/cifar10.py:smoke")
-    with pytest.raises(SystemExit, match=r"config\.json is missing"):
+    with pytest.raises(SystemExit, match=r"holds no checkpoint .*python -m apd\.train"):
         evaluate_main(str(tmp_path), feature_dir)
+    orphan = tmp_path / "orphan"  # checkpoints without the run's config
+    os.makedirs(orphan / "checkpoints" / "2")
+    with pytest.raises(SystemExit, match=r"config\.json is missing"):
+        evaluate_main(str(orphan), feature_dir)
+    bad_lpips = tmp_path / "lpips.npz"
+    bad_lpips.write_text("not weights")
+    with pytest.raises(SystemExit, match=f"{bad_lpips}.*apd.evaluation.lpips convert"):
+        evaluate_main(workdir, feature_dir, f"--lpips_weights={bad_lpips}")
     empty = tmp_path / "empty"
     empty.mkdir()
     with open(empty / "config.json", "w", encoding="utf-8") as f:
@@ -212,6 +220,52 @@ def test_evaluate_errors(workdir, feature_dir, tmp_path, data_path):
         evaluate_main(str(empty), feature_dir)
     with pytest.raises(SystemExit, match=r"evaluate\.seeds"):
         evaluate_main(workdir, feature_dir, "--config.evaluate.seeds=(-1,)")
+
+
+def _evaluate_stderr(*args) -> list[str]:
+    """`python -m apd.evaluate ARGS` in a subprocess, which must fail: its stderr lines, less
+    the start-up log lines of TensorFlow's C++ runtime (clu imports TensorFlow)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "apd.evaluate", *args],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    noise = ("WARNING: All log messages before absl::InitializeLog()", "I0000 ", "W0000 ")
+    return [line for line in proc.stderr.splitlines() if not line.startswith(noise)]
+
+
+def test_binary_errors_are_one_line_naming_the_workdir_or_file(tmp_path, data_path, feature_dir):
+    """A workdir without a checkpoint (as a subprocess: its whole stderr), and an Inception
+    weights file that is not one: one line each, naming the workdir (and how to train one) /
+    the file (and the forms expected)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    lines = _evaluate_stderr(f"--workdir={empty}")
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"apd.evaluate: error: the workdir {empty} holds no checkpoint")
+    assert f"python -m apd.train --config=experiments/NAME.py --workdir={empty}" in lines[0]
+
+    run_dir = tmp_path / "run"  # the inception weights are read before any checkpoint
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(smoke_config(data_path).to_json())
+    fake = tmp_path / "pt_inception.npz"
+    fake.write_text("not weights")
+    with pytest.raises(SystemExit) as info:
+        evaluate_main(
+            str(run_dir),
+            feature_dir,
+            "--config.evaluate.features=inception",
+            f"--inception_weights={fake}",
+        )
+    line = str(info.value.code)
+    assert "\n" not in line
+    assert line.startswith(f"apd.evaluate: error: '{fake}' is not an .npz archive")
+    assert "pytorch-fid's pt_inception-2015-12-05-6726825d.pth" in line
+    assert "python -m apd.evaluation.inception convert" in line
 
 
 def test_follow_picks_up_a_later_checkpoint(tmp_path, data_path, feature_dir):
@@ -278,37 +332,3 @@ def test_ablation_runs_differ_only_in_the_sampler(sampler):
     protocol.check_config(config.evaluate)
     with pytest.raises(ValueError, match="the sweep's samplers"):
         ablation_samplers.get_config("sampler=random")
-
-
-def _fake_results(root, sampler, fid, repaint):
-    step_dir = os.path.join(root, sampler, "eval", "step_00001200")
-    os.makedirs(step_dir)
-    summary = {"generation/fid": {"mean": fid, "std": 0.5}}
-    methods = ["apd"] + (["repaint"] if repaint else [])
-    for family in ("wide", "half"):
-        for method in methods:
-            base = fid + (5.0 if method == "repaint" else 0.0)
-            summary[f"inpainting/{family}/{method}/fid"] = {"mean": base, "std": 0.1}
-            summary[f"inpainting/{family}/{method}/psnr"] = {"mean": 20.0, "std": None}
-    ev = ablation_samplers.get_config(f"sampler={sampler}").evaluate.to_dict()
-    integrity.write_json(
-        os.path.join(step_dir, "results.json"),
-        {"step": 1200, "summary": summary, "provenance": {"evaluate": ev}},
-    )
-
-
-def test_ablation_table(tmp_path):
-    root = str(tmp_path)
-    for i, sampler in enumerate(ablation_samplers.SAMPLERS):
-        _fake_results(root, sampler, 10.0 + i, sampler == "synchronous")
-    text = ablation_samplers.table(root)
-    lines = text.splitlines()
-    assert "| training sampler | generation FID | wide FID | half FID |" in text  # family order
-    assert "| training sampler | wide PSNR | half PSNR |" in text
-    start = lines.index("| training sampler | generation FID | wide FID | half FID |")
-    assert lines[start + 2] == "| synchronous | 10.00 ± 0.50 | 10.00 ± 0.10 | 10.00 ± 0.10 |"
-    assert lines[start + 3] == "| RePaint on synchronous | - | 15.00 ± 0.10 | 15.00 ± 0.10 |"
-    assert "| asyncpatch | 14.00 ± 0.50 | 14.00 ± 0.10 | 14.00 ± 0.10 |" in lines
-    with open(os.path.join(root, "table.json"), encoding="utf-8") as f:
-        table = json.load(f)
-    assert table["rows"]["perlin"]["inpainting"]["wide"]["fid"]["mean"] == 13.0

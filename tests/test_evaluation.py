@@ -1,6 +1,7 @@
 """Tests of apd.evaluation: Fréchet distance, Inception, the Fashion-MNIST feature network,
 reference statistics, inpainting masks, PSNR/SSIM, LPIPS and the ADM evaluator export."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -285,6 +286,36 @@ def test_inception_missing_file_names_file_source_and_flag(tmp_path):
     assert "github.com/mseitzer/pytorch-fid" in message and "downloads nothing" in message
 
 
+def _unreadable_weight_files(directory):
+    """Files named like weights that are not: text, random bytes, a plain .npy, a broken zip."""
+    directory.mkdir(exist_ok=True)
+    (directory / "text.npz").write_text("these are not weights\n")
+    (directory / "random.npz").write_bytes(np.random.default_rng(0).bytes(3000))
+    with open(directory / "array.npz", "wb") as f:
+        np.save(f, np.zeros(3))
+    (directory / "broken.npz").write_bytes(b"PK\x03\x04" + b"0" * 100)
+    np.savez(directory / "plain.npz", x=np.zeros(3))  # an archive, but not a converted one
+    return sorted(str(p) for p in directory.iterdir())
+
+
+@pytest.mark.parametrize(
+    "load, expected",
+    [
+        (lambda p: inception.load_variables(p, expected_sha256=None), "apd.evaluation.inception"),
+        (lambda p: lpips.load_params(p, expected_alexnet_sha256=None), "apd.evaluation.lpips"),
+    ],
+)
+def test_unreadable_weight_files_name_the_file_and_the_expected_form(tmp_path, load, expected):
+    for path in _unreadable_weight_files(tmp_path / "weights"):
+        with pytest.raises(ValueError) as info:
+            load(path)
+        message = str(info.value)
+        assert path in message and f"python -m {expected} convert" in message, message
+        assert "\n" not in message and "pickle" not in message, message
+    with pytest.raises(ValueError, match=r"pytorch-fid's pt_inception-2015-12-05-6726825d\.pth"):
+        inception.load_variables(str(tmp_path / "weights" / "text.npz"))
+
+
 def test_pth_without_torch_points_to_the_converter(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
     path = tmp_path / "weights.pth"
@@ -497,6 +528,48 @@ def test_masks_deterministic_by_seed(family):
     np.testing.assert_array_equal(
         masks.make_masks(family, key, 4, 32), masks.make_masks(family, jax.random.key(5), 4, 32)
     )
+
+
+# SHA-256 prefixes of the mask bytes and known-pixel counts, recorded before the mask module also
+# served apd.sample: evaluation records and the masks saved beside them depend on these values.
+PINNED_CASES = (
+    (lambda: 0, 8, 28),
+    (lambda: 3, 5, (64, 48)),
+    (lambda: jax.random.key(7), 4, 32),
+)
+PINNED_MASKS = {
+    "extrema": (("22de41d37567b86c", 1568), ("48f3881d25ba7d01", 3840), ("245f36a7602c112c", 1024)),
+    "square": (("f6c9d292bcad1b8a", 4704), ("7f7c0850bdd5f56c", 11520), ("356514bf5798f5fb", 3072)),
+    "thin": (("c3bd52d7597b3a31", 4308), ("da645ee32789cdc4", 11735), ("0fce40a947064fd8", 2766)),
+    "wide": (("11481c6503f6c59b", 4313), ("a38d3d8add4d4b8c", 11059), ("c2a9b76e81bc49f9", 3282)),
+    "half": (("588ebe5738e67368", 3136), ("e5dc13e89ea4bad3", 7680), ("33e2f7920ab5179a", 2048)),
+    "perlin": (("8eddefc22007ee4c", 3086), ("2d31f1551fb649ba", 8374), ("bf67cd85bffef1a2", 1864)),
+}
+
+
+@pytest.mark.parametrize("family", masks.FAMILIES)
+def test_protocol_masks_are_pinned(family):
+    """The protocol's masks for given seeds never change (int seeds, a key, two image sizes)."""
+    for (seed, batch, grid), (digest, known) in zip(
+        PINNED_CASES, PINNED_MASKS[family], strict=True
+    ):
+        m = masks.make_masks(family, seed(), batch, grid)
+        assert (hashlib.sha256(m.tobytes()).hexdigest()[:16], int(m.sum())) == (digest, known)
+
+
+def test_sampling_families_top_and_patches(tmp_path):
+    """The families apd.sample adds: deterministic 'top'; 'patches', cells of a 4 x 4 grid
+    generated with probability 1/2, mask i depending only on (seed, i)."""
+    assert set(masks.ALL_FAMILIES) == set(masks.FAMILIES) | {"top", "patches"}
+    top = masks.make_masks("top", 5, 3, 28)
+    assert top[:, :14].all() and not top[:, 14:].any()
+    patches = masks.make_masks("patches", 0, 400, 28)
+    assert abs(masks.unknown_fraction(patches).mean() - 0.5) < 0.02
+    assert (patches[:, ::7, ::7].repeat(7, 1).repeat(7, 2) == patches).all()  # 7 x 7 cells
+    np.testing.assert_array_equal(masks.make_masks("patches", 0, 3, 28), patches[:3])
+    assert not np.array_equal(masks.make_masks("patches", 1, 3, 28), patches[:3])
+    masks.save_masks(str(tmp_path / "top.npz"), top, "top", 5)
+    assert masks.load_masks(str(tmp_path / "top.npz"))[1]["family"] == "top"
 
 
 def test_masks_reject_bad_arguments():

@@ -1,4 +1,5 @@
-"""The sampling binary, the uncertainty head's training binary, run loading and sample grids.
+"""The sampling binary and its library (`apd.run_sampler`, with the README's example), the
+uncertainty head's training binary, run loading and sample grids.
 
 One smoke training run (module fixture) gives a checkpoint; the binaries run in-process on it
 with tiny --num and --steps, and once as a subprocess.
@@ -6,6 +7,7 @@ with tiny --num and --steps, and once as a subprocess.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from apd import export, plans, runs, sample, sampling, train_uncertainty
+from apd import export, plans, run_sampler, runs, sample, sampling, train_uncertainty
+from apd.evaluation import masks
 from apd.sampling import images
 from apd.training import loop
 from experiments import fashion_mnist
@@ -143,6 +146,73 @@ def test_sample_plans(workdir, tmp_path, plan, args, steps_per_chunk):
         )
 
 
+def test_library_call_and_binary_give_identical_arrays(workdir, run, tmp_path):
+    """The binary is flags -> `run_sampler.Sampler` -> files: the same call from Python with the
+    same seed gives the same arrays, and the same network calls per chunk."""
+    info, arrays = sample_main(
+        workdir,
+        str(tmp_path / "inpaint"),
+        "--plan=inpaint",
+        "--mask=wide",
+        "--num=5",
+        "--batch=3",
+        "--steps=3",
+        "--seed=4",
+        "--input_guidance=1.5",
+    )
+    sampler = run_sampler.Sampler(run, batch=3)
+    x, y = runs.first_images(run, "test", 5)
+    known = masks.make_masks("wide", 4, 5, GRID)
+    out = sampler.inpaint(x, known, steps=3, labels=y, seed=4, input_guidance=1.5)
+    np.testing.assert_array_equal(arrays["masks"], known)
+    np.testing.assert_array_equal(arrays["samples_float"], out.images)
+    assert [c.network_calls for c in out.costs] == info["network_calls"]["per_chunk"] == [3, 3]
+    assert out.network_calls == info["network_calls"]["total"]
+    # Chunk i depends only on (seed, i): the first chunk of 3 images is that of 5.
+    first = sampler.inpaint(x[:3], known[:3], steps=3, labels=y[:3], seed=4, input_guidance=1.5)
+    np.testing.assert_array_equal(first.images, out.images[:3])
+
+
+def readme_library_example() -> str:
+    """The Python block of the README's "## Library use" section."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme.split("\n## Library use\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    assert len(blocks) == 1, "the Library use section has one Python block"
+    return blocks[0]
+
+
+def test_readme_library_use_runs(workdir, capsys):
+    """The README's "Library use" example, as written, on this module's trained run."""
+    code = readme_library_example()
+    assert code.count('"runs/fmnist"') == 1
+    namespace: dict = {}
+    exec(compile(code.replace('"runs/fmnist"', repr(workdir)), "README.md", "exec"), namespace)
+    assert namespace["samples"].images.shape == (16, *GRID, 1)
+    assert np.isfinite(namespace["samples"].images).all()
+    out, x, known = namespace["out"], namespace["x"], namespace["known"] == 1
+    np.testing.assert_array_equal(out.images[known], x[known])  # known pixels kept exactly
+    assert out.network_calls == 50 and np.isfinite(namespace["psnr"])
+    assert re.search(r"^PSNR -?\d+\.\d\d dB, 50 network calls$", capsys.readouterr().out, re.M)
+
+
+def test_sampler_refuses_bad_inputs(run):
+    sampler = run_sampler.Sampler(run, batch=2)
+    x = np.zeros((3, *GRID, 1), np.float32)
+    known = masks.make_masks("half", 0, 3, GRID)
+    with pytest.raises(ValueError, match=r"images must be float \[N, H, W, C\]"):
+        sampler.inpaint(x[..., 0], known)
+    with pytest.raises(ValueError, match=r"masks must be \[N, H, W\] with \(H, W\) = \(28, 28\)"):
+        sampler.inpaint(x, known * 2)
+    with pytest.raises(ValueError, match=r"needs 3 rows .* got shape \(2, 28, 28\)"):
+        sampler.inpaint(x, known, labels=np.zeros((2, *GRID), np.int32))
+    with pytest.raises(ValueError, match="the number of images must be an int >= 1"):
+        sampler.generate(0)
+    with pytest.raises(ValueError, match="batch must be an int >= 1"):
+        run_sampler.Sampler(run, batch=0)
+
+
 @pytest.mark.slow
 def test_uncertainty_head_then_adaptive(workdir, run, tmp_path):
     """No head: a clear error naming the trainer. Then train a few steps, resume, and sample."""
@@ -215,28 +285,42 @@ def test_bad_options_fail_before_loading(tmp_path):
         sample.run(sample.Options(plan="synchronous", out=str(tmp_path / "o"), workdir=missing))
 
 
-def test_resolve_labels_and_masks():
+def test_resolve_labels():
     data = np.arange(5, dtype=np.int32)
-    np.testing.assert_array_equal(sample.resolve_labels("0,1", 10, 5, None, 0), [0, 1, 0, 1, 0])
-    np.testing.assert_array_equal(sample.resolve_labels("auto", 10, 5, data, 0), data)
-    np.testing.assert_array_equal(sample.resolve_labels("null", 10, 5, None, 0), 10)
-    drawn = sample.resolve_labels("random", 10, 1000, None, 0)
+    resolve = run_sampler.resolve_labels
+    np.testing.assert_array_equal(resolve("0,1", 10, 5, 0), [0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(resolve("auto", 10, 5, 0, data), data)
+    np.testing.assert_array_equal(resolve("null", 10, 5, 0), 10)
+    drawn = resolve("random", 10, 1000, 0)
     assert set(np.unique(drawn)) == set(range(10))
-    assert sample.resolve_labels("auto", 0, 5, None, 0) is None
+    np.testing.assert_array_equal(resolve("auto", 10, 1000, 0), drawn)  # no data: random
+    assert resolve("auto", 0, 5, 0) is None and resolve("random", 0, 5, 0) is None
     with pytest.raises(ValueError, match="unconditional"):
-        sample.resolve_labels("3", 0, 5, None, 0)
+        resolve("3", 0, 5, 0)
     with pytest.raises(ValueError, match=r"lie in \[0, 10\]"):
-        sample.resolve_labels("11", 10, 5, None, 0)
+        resolve("11", 10, 5, 0)
     with pytest.raises(ValueError, match="needs input images"):
-        sample.resolve_labels("data", 10, 5, None, 0)
+        resolve("data", 10, 5, 0)
+    with pytest.raises(ValueError, match="--labels must be one of"):
+        resolve("cats", 10, 5, 0, name="--labels")
 
-    half = sample.make_masks("half", 2, GRID, 0)
-    assert half[:, :, :14].all() and not half[:, :, 14:].any()
-    square = sample.make_masks("square", 1, GRID, 0)[0]
-    assert square.sum() == 28 * 28 - 14 * 14 and not square[7:21, 7:21].any()
-    patches = sample.make_masks("patches", 400, GRID, 0)
-    assert abs(1 - patches.mean() - 0.5) < 0.02  # each 7 x 7 cell generated with probability 1/2
-    assert (patches[:, ::7, ::7].repeat(7, 1).repeat(7, 2) == patches).all()
+
+def test_sample_masks_are_the_mask_modules_families(tmp_path):
+    """--mask=FAMILY draws exactly `apd.evaluation.masks` with --seed; FILE.npy is read as is."""
+    assert sample.MASKS == masks.ALL_FAMILIES
+    for family in masks.ALL_FAMILIES:
+        np.testing.assert_array_equal(
+            sample.make_masks(family, 6, GRID, 3), masks.make_masks(family, 3, 6, GRID)
+        )
+    left = np.zeros(GRID, np.uint8)
+    left[:, :14] = 1
+    np.save(tmp_path / "left.npy", left)
+    np.testing.assert_array_equal(
+        sample.make_masks(str(tmp_path / "left.npy"), 3, GRID, 0)[2], left
+    )
+    np.save(tmp_path / "bad.npy", left * 2)
+    with pytest.raises(ValueError, match=r"only 0 \(generate\) and 1 \(known\)"):
+        sample.make_masks(str(tmp_path / "bad.npy"), 3, GRID, 0)
 
 
 def test_cli_subprocess_error():

@@ -4,7 +4,8 @@ frechet        Fréchet distance between Gaussians fitted to features; streaming
 inception      the FID variant of InceptionV3 in Flax, weights from a local file only.
 features       a small Fashion-MNIST classifier whose penultimate layer gives FID_FMNIST.
 reference      reference statistics of a dataset split, cached by feature-network hash.
-masks          inpainting mask families (Extrema, Square, Thin, Wide, Half, Perlin).
+masks          inpainting mask families (Extrema, Square, Thin, Wide, Half, Perlin; for
+               apd.sample also Top and Patches).
 image_metrics  PSNR and SSIM.
 lpips          LPIPS (AlexNet variant), weights from a local file only.
 adm            export of samples for OpenAI's guided-diffusion evaluator.

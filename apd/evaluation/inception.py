@@ -473,6 +473,10 @@ _CONVERT_HINT = (
     f"python -m apd.evaluation.inception convert IN.pth OUT.npz, and pass the .npz with "
     f"{WEIGHTS_FLAG}."
 )
+_EXPECTED = (
+    f"pytorch-fid's {FID_WEIGHTS_FILENAME} or the .npz that `python -m apd.evaluation.inception "
+    "convert IN.pth OUT.npz` writes"
+)
 _SOURCE = "inception"
 
 
@@ -498,14 +502,13 @@ def load_state_dict(path: str, expected_sha256: str | None = FID_WEIGHTS_SHA256_
     if extension == ".pth":
         if expected_sha256 is not None:
             integrity.check_sha256(path, expected_sha256, "Inception weights")
-        arrays = torch_weights.read_pth(path, _CONVERT_HINT)
+        arrays = torch_weights.read_pth(path, _CONVERT_HINT, _EXPECTED)
     elif extension == ".npz":
-        arrays, sources = torch_weights.read_npz(path)
+        arrays, sources = torch_weights.read_npz(path, _EXPECTED)
         torch_weights.check_source(path, sources, _SOURCE, expected_sha256)
     else:
         raise ValueError(
-            f"Inception weights must be pytorch-fid's .pth or an .npz converted from it; got "
-            f"{path!r}."
+            f"Inception weights {path!r} have an unknown extension; expected {_EXPECTED}."
         )
     return {k: np.asarray(v, np.float32) for k, v in arrays.items()}
 
@@ -547,7 +550,11 @@ def convert(
         if expected_sha256 is not None
         else integrity.sha256_file(pth_path)
     )
-    write_npz(torch_weights.read_pth(pth_path, _CONVERT_HINT), npz_path, source)
+    write_npz(
+        torch_weights.read_pth(pth_path, _CONVERT_HINT, f"pytorch-fid's {FID_WEIGHTS_FILENAME}"),
+        npz_path,
+        source,
+    )
     logging.info("Converted %s (SHA-256 %s) to %s.", pth_path, source, npz_path)
     return source
 

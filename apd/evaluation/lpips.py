@@ -53,6 +53,13 @@ _CONVERT_HINT = (
     "python -m apd.evaluation.lpips convert ALEXNET.pth ALEX_LIN.pth OUT.npz, and pass the .npz "
     f"with {WEIGHTS_FLAG}."
 )
+_EXPECTED_NPZ = (
+    "the .npz that `python -m apd.evaluation.lpips convert ALEXNET.pth ALEX_LIN.pth OUT.npz` writes"
+)
+_EXPECTED_PTH = {
+    "alexnet": f"torchvision's AlexNet weights ({ALEXNET_FILENAME})",
+    "linear": f"LPIPS's AlexNet heads ({LINEAR_FILENAME}, lpips v0.1)",
+}
 
 
 def expected_shapes() -> dict[str, tuple[int, ...]]:
@@ -177,7 +184,7 @@ def load_params(path: str, expected_alexnet_sha256: str | None = ALEXNET_SHA256_
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(_missing_message(path))
-    arrays, sources = torch_weights.read_npz(path)
+    arrays, sources = torch_weights.read_npz(path, _EXPECTED_NPZ)
     torch_weights.check_source(path, sources, "alexnet", expected_alexnet_sha256)
     return check_params(arrays)
 
@@ -206,8 +213,8 @@ def convert(
         if expected_alexnet_sha256 is not None
         else integrity.sha256_file(alexnet_pth)
     )
-    alexnet = torch_weights.read_pth(alexnet_pth, _CONVERT_HINT)
-    linear = torch_weights.read_pth(linear_pth, _CONVERT_HINT)
+    alexnet = torch_weights.read_pth(alexnet_pth, _CONVERT_HINT, _EXPECTED_PTH["alexnet"])
+    linear = torch_weights.read_pth(linear_pth, _CONVERT_HINT, _EXPECTED_PTH["linear"])
     expected = expected_shapes()
     unexpected = sorted(
         {k for k in alexnet if not k.startswith("classifier.")} - set(expected)

@@ -1,12 +1,15 @@
-"""Inpainting mask families for evaluation, deterministic by seed; 1 = KNOWN pixel (apd convention).
+"""Inpainting mask families, deterministic by seed; 1 = KNOWN pixel (apd convention).
 
-`make_masks(family, key_or_seed, batch, grid)` returns uint8 [B, H, W] in {0, 1}. Mask i depends
-only on (family, seed, i): a batch of 10 is the first 10 masks of a batch of 1000, and a run can
-be split across hosts by index. Masks are drawn on the host with numpy (Perlin noise on device,
-by `apd.levels.perlin`). Geometry given in pixels for 256 x 256 images (the conventions below are
-stated at that size) is scaled by min(H, W) / 256, so every resolution sees the same shapes.
+The one source of masks: the evaluation's inpainting protocol (`FAMILIES`) and `apd.sample
+--mask` (any family in `ALL_FAMILIES`). `make_masks(family, key_or_seed, batch, grid)` returns
+uint8 [B, H, W] in {0, 1}. Mask i depends only on (family, seed, i): a batch of 10 is the first
+10 masks of a batch of 1000, and a run can be split across hosts by index. Masks are drawn on the
+host with numpy (Perlin noise on device, by `apd.levels.perlin`). Geometry given in pixels for
+256 x 256 images (the conventions below are stated at that size) is scaled by min(H, W) / 256, so
+every resolution sees the same shapes.
 
-Families, with the fraction of UNKNOWN pixels each produces (checked by the tests):
+The evaluation protocol's families (`FAMILIES`), with the fraction of UNKNOWN pixels each
+produces (checked by the tests):
 
   extrema  only a box of half the height and half the width is known, at a uniformly random
            position at least H/16, W/16 from the border; everything else is unknown. The
@@ -31,6 +34,13 @@ Families, with the fraction of UNKNOWN pixels each produces (checked by the test
            per axis): the unknown region is where the noise exceeds its (1 - f)-quantile, with
            f ~ U(0.2, 0.8) per mask. Unknown fraction f, in [0.2, 0.8].
 
+Further families for sampling (`EXTRA_FAMILIES`, not part of the protocol):
+
+  top      the top half (H//2 rows) is known, the bottom half generated; the same for every seed.
+  patches  a 4 x 4 grid of cells (cell boundaries at multiples of H/4, W/4), each generated with
+           probability 1/2, independently per cell and mask. Unknown fraction k/16 with
+           k ~ Binomial(16, 1/2) when 4 divides H and W.
+
 Strokes are drawn as capsules: a pixel (row y, column x) is covered when its distance to the
 segment is at most half the brush width (OpenCV's thick lines, which LaMa draws with, also have
 round ends).
@@ -50,6 +60,12 @@ from apd import checks
 from apd.levels import perlin
 
 FAMILIES = ("extrema", "square", "thin", "wide", "half", "perlin")
+"""The evaluation protocol's families (`evaluate.inpainting.families` takes these)."""
+
+EXTRA_FAMILIES = ("top", "patches")
+"""Families for sampling only (`apd.sample --mask`); see the module docstring."""
+
+ALL_FAMILIES = FAMILIES + EXTRA_FAMILIES
 
 REFERENCE_SIZE = 256
 """The image size (pixels) at which the families' geometry is stated."""
@@ -61,6 +77,7 @@ PERLIN_UNKNOWN_RANGE = (0.2, 0.8)
 _PERLIN_SCALE, _PERLIN_OCTAVES = 2, 2
 _PERLIN_CHUNK = 32
 _MAX_REDRAWS = 1000
+_PATCH_CELLS = 4  # 'patches': cells per side
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,7 +104,9 @@ def seed_words(key_or_seed) -> tuple[int, ...]:
 
 
 def _rng(family: str, words: tuple[int, ...], index: int) -> np.random.Generator:
-    return np.random.default_rng([*words, FAMILIES.index(family), index])
+    # The family's index in ALL_FAMILIES is part of the seed: FAMILIES come first, so the
+    # protocol's masks do not depend on the families added after them.
+    return np.random.default_rng([*words, ALL_FAMILIES.index(family), index])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,12 +231,27 @@ def _half(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     return known
 
 
+def _top(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    known = np.zeros((height, width), bool)
+    known[: height // 2] = True
+    return known
+
+
+def _patches(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    unknown_cells = rng.random((_PATCH_CELLS, _PATCH_CELLS)) < 0.5
+    cell_rows = (np.arange(height) * _PATCH_CELLS) // height
+    cell_cols = (np.arange(width) * _PATCH_CELLS) // width
+    return ~unknown_cells[cell_rows][:, cell_cols]
+
+
 _KNOWN_FNS = {
     "extrema": _box,
     "square": lambda rng, h, w: ~_box(rng, h, w),
     "thin": _free_form(_thin),
     "wide": _free_form(_wide),
     "half": _half,
+    "top": _top,
+    "patches": _patches,
 }
 
 
@@ -273,7 +307,7 @@ def make_masks(family: str, key_or_seed, batch: int, grid: int | Sequence[int]) 
     """Draws inpainting masks of one family (see the module docstring for each family).
 
     Args:
-      family: one of `FAMILIES`.
+      family: one of `ALL_FAMILIES` (the protocol's `FAMILIES`, then `EXTRA_FAMILIES`).
       key_or_seed: a non-negative int seed or a JAX PRNG key; the same seed gives the same masks.
       batch: B >= 0, the number of masks; mask i depends only on (family, seed, i).
       grid: the image size: n for n x n, or (H, W); each >= 4 pixels.
@@ -281,7 +315,7 @@ def make_masks(family: str, key_or_seed, batch: int, grid: int | Sequence[int]) 
     Returns:
       masks: uint8 [B, H, W] in {0, 1}, 1 = known pixel, 0 = to be inpainted.
     """
-    checks.check_choice("mask family", family, FAMILIES)
+    checks.check_choice("mask family", family, ALL_FAMILIES)
     if not isinstance(batch, numbers.Integral) or batch < 0:
         raise ValueError(f"mask batch size must be an int >= 0; got {batch!r}.")
     height, width = _as_grid(grid)
@@ -315,7 +349,7 @@ def save_masks(path: str, masks: np.ndarray, family: str, key_or_seed) -> None:
     """Writes masks with their family and seed to an .npz (saved beside inpainting results)."""
     masks = np.asarray(masks)
     _check_masks(masks, "save_masks")
-    checks.check_choice("mask family", family, FAMILIES)
+    checks.check_choice("mask family", family, ALL_FAMILIES)
     words = np.asarray(seed_words(key_or_seed), np.uint64)
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:

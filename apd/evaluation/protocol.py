@@ -21,8 +21,9 @@ Units:
                                       clean end `likelihood.t_start` (where the 256-bin
                                       decoder takes over) to the noisy end.
 
-Sampling and the ELBO run on every local device: the batch is split over a 1-D mesh and the
-parameters replicated.
+Sampling and the ELBO run through `apd.run_sampler.Sampler` (chunks of `evaluate.batch`, rounded
+up to a multiple of the local device count, split over the local devices; the parameters
+replicated): the evaluation samples exactly as a notebook calling the same methods does.
 """
 
 import dataclasses
@@ -37,9 +38,8 @@ import jax.numpy as jnp
 import ml_collections as mc
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec
 
-from apd import checks, elbo, paths, plans, runs, sampling
+from apd import checks, elbo, paths, run_sampler, runs
 from apd import data as data_lib
 from apd.evaluation import frechet, image_metrics, integrity, masks, reference
 from apd.sampling import images
@@ -276,13 +276,22 @@ def require_inception_weights(weights: str | None, dataset: str) -> None:
 
 
 def inception_features(
-    weights: str | None, cache_dir: str, data_cfg: mc.ConfigDict, split: str, num_reference: int
+    weights: str | None,
+    cache_dir: str,
+    data_cfg: mc.ConfigDict,
+    split: str,
+    num_reference: int,
+    variables: Any = None,
 ) -> Features:
-    """InceptionV3 (pool3) from a local weights file, with cached reference statistics."""
+    """InceptionV3 (pool3) from a local weights file, with cached reference statistics.
+
+    `variables`: the network's variables when the caller has already loaded them from `weights`
+    (`inception.load_variables`); None loads them here."""
     from apd.evaluation import inception
 
     require_inception_weights(weights, data_cfg.name)
-    variables = inception.load_variables(weights)
+    if variables is None:
+        variables = inception.load_variables(weights)
     sha256 = integrity.sha256_file(weights)
     fn = inception.feature_fn()
     embed = lambda batch: fn(variables, jnp.asarray(batch))  # noqa: E731
@@ -325,12 +334,6 @@ def inception_features(
 # ---------------------------------------------------------------------------------------------
 
 
-def _pad(arr: np.ndarray | None, size: int) -> np.ndarray | None:
-    if arr is None or arr.shape[0] == size:
-        return arr
-    return np.concatenate([arr, np.repeat(arr[-1:], size - arr.shape[0], axis=0)])
-
-
 class Evaluator:
     """Runs units on one loaded checkpoint."""
 
@@ -347,17 +350,9 @@ class Evaluator:
         self.features = features
         self.lpips_params = lpips_params
         self.lpips_sha256 = lpips_sha256
-        devices = jax.local_devices()
-        batch = evaluate.batch
-        if batch % len(devices):
-            batch = math.ceil(batch / len(devices)) * len(devices)
-        self.batch = batch
-        self.mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
-        self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.sharded = NamedSharding(self.mesh, PartitionSpec("data"))
-        self.params = jax.device_put(run.params, self.replicated)
-        self._sample_fns: dict[tuple[float, float], Callable] = {}
-        self._repaint_fn = None
+        devices = jax.local_device_count()
+        self.batch = math.ceil(evaluate.batch / devices) * devices
+        self.sampler = run_sampler.Sampler(run, batch=self.batch)
         self._nelbo_fns: dict[str, Callable] = {}
         self._inputs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -370,55 +365,21 @@ class Evaluator:
         return self._inputs[num]
 
     def labels(self, mode: str, num: int, seed: int, data_labels=None) -> np.ndarray | None:
-        k = self.run.num_classes
-        if k == 0:
-            return None
-        if mode == "null":
-            return np.full(num, k, np.int32)
-        if mode == "data":
-            if data_labels is None:
-                raise ValueError("labels='data' needs input images.")
-            return np.asarray(data_labels, np.int32)
-        return np.random.default_rng([seed, 17]).integers(0, k, num).astype(np.int32)
-
-    def _put(self, arr):
-        return None if arr is None else jax.device_put(jnp.asarray(arr), self.sharded)
+        """Labels of a unit (`run_sampler.resolve_labels`; None for an unconditional model)."""
+        return run_sampler.resolve_labels(mode, self.run.num_classes, num, seed, data_labels)
 
     # -- sampling ------------------------------------------------------------------------------
 
-    def _sample_fn(self, cfg_scale: float, input_guidance: float) -> Callable:
-        if (cfg_scale, input_guidance) not in self._sample_fns:
-            self._sample_fns[cfg_scale, input_guidance] = images.make_sample_fn(
-                self.run.model.apply,
-                schedule=self.run.schedule,
-                prediction=self.run.prediction,
-                channels=self.run.image_shape[-1],
-                eta=float(self.cfg.eta),
-                num_classes=self.run.num_classes,
-                cfg_scale=cfg_scale,
-                input_guidance=input_guidance,
-            )
-        return self._sample_fns[cfg_scale, input_guidance]
-
-    def _chunks(self, num: int):
-        for i in range(math.ceil(num / self.batch)):
-            part = slice(i * self.batch, min((i + 1) * self.batch, num))
-            yield i, part, part.stop - part.start
-
     def generate(self, num: int, labels: np.ndarray | None, seed: int) -> np.ndarray:
         """float32 [num, H, W, C]: the synchronous plan (classifier-free guidance if set)."""
-        fn = self._sample_fn(float(self.cfg.generation.cfg_scale), 0.0)
-        grid = self.run.image_shape[:-1]
-        plan = plans.synchronous(self.cfg.steps, self.batch, grid)
-        key = jax.random.key(seed)
-        out = []
-        for i, part, n in self._chunks(num):
-            k_noise, k_sample = jax.random.split(jax.random.fold_in(key, i))
-            noise = jax.random.normal(k_noise, (self.batch, *self.run.image_shape))
-            lab = None if labels is None else _pad(labels[part], self.batch)
-            x = fn(self.params, plan, k_sample, None, self._put(noise), self._put(lab))
-            out.append(np.asarray(x)[:n])
-        return np.concatenate(out)
+        return self.sampler.generate(
+            num,
+            steps=self.cfg.steps,
+            labels=labels,
+            seed=seed,
+            eta=float(self.cfg.eta),
+            cfg_scale=float(self.cfg.generation.cfg_scale),
+        ).images
 
     def inpaint(
         self,
@@ -430,42 +391,27 @@ class Evaluator:
         repaint: bool = False,
     ) -> np.ndarray:
         """float32 like x: the unknown pixels (known == 0) completed."""
-        cfg = self.cfg.inpainting
-        key = jax.random.key(seed)
-        out = []
-        for i, part, n in self._chunks(x.shape[0]):
-            k_noise, k_sample = jax.random.split(jax.random.fold_in(key, i))
-            xs, ms = _pad(x[part], self.batch), _pad(known[part], self.batch)
-            lab = None if labels is None else _pad(labels[part], self.batch)
-            if repaint:
-                if self._repaint_fn is None:
-                    self._repaint_fn = jax.jit(
-                        lambda params, x_known, mask, key, labels: sampling.repaint(
-                            images.denoiser(self.run.model.apply, params),
-                            x_known,
-                            mask,
-                            key,
-                            schedule=self.run.schedule,
-                            steps=cfg.repaint_steps,
-                            jump_length=cfg.repaint_jump,
-                            resample=cfg.repaint_resample,
-                            prediction=self.run.prediction,
-                            eta=1.0,
-                            labels=labels,
-                            num_classes=self.run.num_classes,
-                        )
-                    )
-                y = self._repaint_fn(
-                    self.params, self._put(xs), self._put(ms), k_sample, self._put(lab)
-                )
-            else:
-                noise = jax.random.normal(k_noise, (self.batch, *self.run.image_shape))
-                plan = plans.inpaint(jnp.asarray(ms), self.cfg.steps)
-                y = self._sample_fn(0.0, float(input_guidance))(
-                    self.params, plan, k_sample, self._put(xs), self._put(noise), self._put(lab)
-                )
-            out.append(np.asarray(y)[:n])
-        return np.concatenate(out)
+        if repaint:
+            cfg = self.cfg.inpainting
+            return self.sampler.repaint(
+                x,
+                known,
+                steps=cfg.repaint_steps,
+                jump=cfg.repaint_jump,
+                resample=cfg.repaint_resample,
+                labels=labels,
+                seed=seed,
+                eta=1.0,
+            ).images
+        return self.sampler.inpaint(
+            x,
+            known,
+            steps=self.cfg.steps,
+            labels=labels,
+            seed=seed,
+            eta=float(self.cfg.eta),
+            input_guidance=float(input_guidance),
+        ).images
 
     # -- likelihood ----------------------------------------------------------------------------
 
@@ -606,15 +552,13 @@ class Evaluator:
         x, _ = self.inputs(lik.num_images)
         labels = self.labels("null", lik.num_images, unit.seed)
         fn = self._nelbo_fn(unit.path)
-        key = jax.random.key(unit.seed)
-        values = []
-        for i, part, n in self._chunks(lik.num_images):
-            xs = _pad(x[part], self.batch)
-            lab = None if labels is None else _pad(labels[part], self.batch)
-            key_i = jax.random.fold_in(key, i)
-            nelbo = fn(self.params, self._put(xs), key_i, self._put(lab))
-            values.append(np.asarray(nelbo)[:n])
-        nelbo = np.concatenate(values)
+        nelbo = self.sampler.map_chunks(
+            lambda key, xs, lab: fn(self.sampler.params, xs, key, lab),
+            lik.num_images,
+            unit.seed,
+            x,
+            labels,
+        )
         dims = int(np.prod(self.run.image_shape))
         bpd = nelbo / (dims * math.log(2.0))
         metrics = {
