@@ -64,7 +64,7 @@ def test_independent_mean_concentrates_with_clt_spread():
 
 @pytest.mark.parametrize("patches", [4, 8])
 def test_patchwise_mean_std_and_patch_values(patches):
-    x = draw("patchwise", 32, patches=patches)
+    x = draw("patchwise", 32, patch_sizes=(patches,))
     tbar = np.asarray(stats.image_mean(x))
     np.testing.assert_allclose(tbar.std(), 1.0 / math.sqrt(12 * patches**2), rtol=0.03)
     width = 32 // patches
@@ -72,6 +72,49 @@ def test_patchwise_mean_std_and_patch_values(patches):
     assert np.all(blocks == blocks[:, :, :1, :, :1])  # constant on each patch
     patch_levels = blocks[:1000, :, 0, :, 0].ravel()  # each patch level ~ U(0, 1)
     assert scipy.stats.kstest(patch_levels, "uniform").pvalue > 0.01
+
+
+def _patch_scale(level_maps: np.ndarray, sizes) -> np.ndarray:
+    """[B, n, n] -> [B]: the smallest K in `sizes` whose K x K patches are each constant."""
+    n = level_maps.shape[1]
+    out = np.zeros(level_maps.shape[0], np.int64)
+    for k in sorted(sizes, reverse=True):  # the last (smallest) K that fits wins
+        w = n // k
+        blocks = level_maps.reshape(-1, k, w, k, w)
+        out[np.all(blocks == blocks[:, :, :1, :, :1], axis=(1, 2, 3, 4))] = k
+    return out
+
+
+def test_patchwise_draws_k_per_image():
+    """Default: K uniform over asyncpatch's grids (powers of two up to the grid), per image."""
+    params = levels.resolve_params("patchwise", 16)
+    assert params["patch_sizes"] == levels.resolve_params("asyncpatch", 16)["patch_sizes"]
+    assert params == {"patch_sizes": (1, 2, 4, 8, 16), "patch_probs": (0.2,) * 5}
+    x = draw("patchwise", 16)
+    k = _patch_scale(x, params["patch_sizes"])
+    counts = np.array([np.sum(k == size) for size in params["patch_sizes"]])
+    assert counts.sum() == N  # every map is constant on the patches of one of the grids
+    assert scipy.stats.chisquare(counts).pvalue > 0.001, counts
+    # Given K, tbar is the mean of K^2 uniforms: std 1 / sqrt(12 K^2).
+    tbar = np.asarray(stats.image_mean(x))
+    for size in (1, 2, 4):
+        np.testing.assert_allclose(tbar[k == size].std(), 1 / math.sqrt(12 * size**2), rtol=0.05)
+    # Every patch level ~ U(0, 1), whatever K.
+    assert scipy.stats.kstest(x[:2000, 0, 0], "uniform").pvalue > 0.01
+    # Other grids and probabilities.
+    x = draw("patchwise", 16, patch_sizes=(2, 8), patch_probs=(0.25, 0.75))
+    k = _patch_scale(x, (2, 8))
+    assert np.mean(k == 2) == pytest.approx(0.25, abs=0.015)
+    assert np.mean(k == 8) == pytest.approx(0.75, abs=0.015)
+
+
+def test_patchwise_single_k_draws_the_fixed_grid():
+    """patch_sizes=(K,) draws no K: the patch levels are uniform(key, [B, K^2]) row-major, so
+    runs trained with a fixed K = 4 reproduce bit for bit."""
+    x = draw("patchwise", 28, 64, patch_sizes=(4,))
+    table = np.asarray(jax.random.uniform(KEY, (64, 16), jnp.float32)).reshape(64, 4, 4)
+    patch = np.arange(28) * 4 // 28
+    np.testing.assert_array_equal(x, table[:, patch][:, :, patch])
 
 
 def test_perlin_mean_u_shaped():
@@ -174,7 +217,7 @@ def test_empty_batch():
 
 
 @pytest.mark.parametrize(
-    "name,params", [("patchwise", {"patches": 8}), ("asyncpatch", {"patch_sizes": (8,)})]
+    "name,params", [("patchwise", {"patch_sizes": (8,)}), ("asyncpatch", {"patch_sizes": (8,)})]
 )
 def test_grid_not_divisible_by_k(name, params):
     """Grid 28, K = 8: token i lies in patch floor(8 i / 28), patches of 3 or 4 tokens."""
@@ -236,11 +279,12 @@ def test_sharded_over_eight_devices(name):
     "name,grid,params,match",
     [
         ("async", 16, {}, r"'async'.*'asyncpatch'"),
-        ("patchwise", 16, {"patch": 4}, r"'patch'.*\['patches'\]"),
-        ("synchronous", 16, {"patches": 4}, r"'patches'.*none"),
-        ("patchwise", 16, {"patches": 17}, r"in \[1, 16\]; got 17"),
-        ("patchwise", 16, {"patches": 0}, r"got 0"),
-        ("patchwise", 16, {"patches": 2.5}, r"integer.*got 2.5"),
+        ("patchwise", 16, {"patches": 4}, r"'patches'.*\['patch_probs', 'patch_sizes'\]"),
+        ("synchronous", 16, {"patch_sizes": 4}, r"'patch_sizes'.*none"),
+        ("patchwise", 16, {"patch_sizes": (17,)}, r"patchwise patch_sizes.*\[1, 16\]; got 17"),
+        ("patchwise", 16, {"patch_sizes": (0, 2)}, r"patchwise.*got 0"),
+        ("patchwise", 16, {"patch_sizes": (2.5,)}, r"integer.*got 2.5"),
+        ("patchwise", 16, {"patch_sizes": (1, 2), "patch_probs": (0.5,)}, r"2 probabilities"),
         ("asyncpatch", 16, {"t_min": 0.6, "t_max": 0.4}, r"t_min < t_max.*0.6"),
         ("asyncpatch", 16, {"delta_max": -0.1}, r"delta_max.*got -0.1"),
         ("asyncpatch", 16, {"patch_sizes": (1, 32)}, r"\[1, 16\]; got 32"),

@@ -8,7 +8,9 @@ a level, the image mean tbar, and the spread (max - min).
 - synchronous: one t ~ U(0, 1) per image. tbar uniform, zero spread (ordinary diffusion).
 - independent: t_i ~ U(0, 1) per token. tbar concentrates at 1/2 with std 1/sqrt(12 N) (N tokens),
   so near-clean, near-noise and "clean next to noisy" states are almost never seen.
-- patchwise(patches=K): one U(0, 1) level per patch of a K x K grid; tbar std 1/sqrt(12 K^2).
+- patchwise(patch_sizes, patch_probs): a grid size K per image (by default, as for asyncpatch,
+  uniform over the powers of two up to the grid), one U(0, 1) level per patch of the K x K grid;
+  tbar std 1/sqrt(12 K^2) given K.
 - perlin(scale, threshold, octaves) (RAD, Kim et al. 2024): a binary Perlin mask m, t ~ U(0, 1)
   and b ~ Bernoulli(1/2) per image, levels t m + (1 - m) b: the background is all clean or all
   noise. tbar is U-shaped; suited to inpainting.

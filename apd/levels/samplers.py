@@ -30,7 +30,7 @@ DEFAULTS: Mapping[str, Mapping[str, object]] = types.MappingProxyType(
     {
         "synchronous": types.MappingProxyType({}),
         "independent": types.MappingProxyType({}),
-        "patchwise": types.MappingProxyType({"patches": 4}),
+        "patchwise": types.MappingProxyType({"patch_sizes": None, "patch_probs": None}),
         "perlin": types.MappingProxyType({"scale": 2, "threshold": 0.0, "octaves": 1}),
         "asyncpatch": types.MappingProxyType(
             {
@@ -61,7 +61,10 @@ def sample(name: str, key: Array, batch_size: int, grid: int | Sequence[int], **
       name: one of `NAMES`:
         'synchronous': one t ~ U(0, 1) per image, broadcast to the grid.
         'independent': t_i ~ U(0, 1) per token.
-        'patchwise' (patches=4): K x K patches (K = patches), one U(0, 1) level per patch.
+        'patchwise' (patch_sizes=None, patch_probs=None): K drawn per image from `patch_sizes`
+          with `patch_probs` (defaults as for 'asyncpatch'), one U(0, 1) level per patch of the
+          K x K grid. A single K (e.g. `patch_sizes=(4,)`) draws no K: the whole key goes to
+          the patch levels (the draws of a fixed-K patchwise).
         'perlin' (scale=2, threshold=0.0, octaves=1): binary mask m = [noise > threshold] of
           Perlin gradient noise on a lattice of `scale` cells per axis (octave o adds noise at
           scale * 2^o cells with amplitude 2^-o; the finest octave has at most one cell per
@@ -143,8 +146,51 @@ def _resolve_none(grid: Grid) -> dict[str, object]:
     return {}
 
 
-def _resolve_patchwise(grid: Grid, patches) -> dict[str, object]:
-    return {"patches": _check_int("patchwise patches (K)", patches, lo=1, hi=min(grid))}
+def _resolve_patch_grid(
+    sampler: str, grid: Grid, patch_sizes, patch_probs
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Checks a sampler's grid sizes K (patches per axis) and their probabilities.
+
+    Default sizes: the powers of two from 1 to the smallest grid axis; default probabilities:
+    uniform. Returns both as tuples, the probabilities normalised.
+    """
+    k_hi = min(grid)
+    if patch_sizes is None:
+        patch_sizes = tuple(2**i for i in range(k_hi.bit_length()))
+    if isinstance(patch_sizes, numbers.Integral):
+        patch_sizes = (patch_sizes,)
+    if not isinstance(patch_sizes, Sequence) or not patch_sizes:
+        raise ValueError(
+            f"{sampler} patch_sizes must be a non-empty sequence of grid sizes K (patches per "
+            f"axis) in [1, {k_hi}]; got {patch_sizes!r}."
+        )
+    patch_sizes = tuple(
+        _check_int(f"{sampler} patch_sizes entry (K)", k, 1, k_hi) for k in patch_sizes
+    )
+    if len(set(patch_sizes)) != len(patch_sizes):
+        raise ValueError(f"{sampler} patch_sizes must not repeat a K; got {patch_sizes!r}.")
+
+    if patch_probs is None:
+        patch_probs = (1.0 / len(patch_sizes),) * len(patch_sizes)
+    if not isinstance(patch_probs, Sequence) or len(patch_probs) != len(patch_sizes):
+        raise ValueError(
+            f"{sampler} patch_probs must be a sequence of {len(patch_sizes)} probabilities, one "
+            f"per entry of patch_sizes={patch_sizes!r}; got {patch_probs!r}."
+        )
+    patch_probs = tuple(
+        _check_float(f"{sampler} patch_probs entry", p, 0.0, 1.0) for p in patch_probs
+    )
+    if abs(sum(patch_probs) - 1.0) > 1e-6:
+        raise ValueError(
+            f"{sampler} patch_probs must sum to 1; got {patch_probs!r} (sum {sum(patch_probs)!r})."
+        )
+    total = sum(patch_probs)
+    return patch_sizes, tuple(p / total for p in patch_probs)
+
+
+def _resolve_patchwise(grid: Grid, patch_sizes, patch_probs) -> dict[str, object]:
+    patch_sizes, patch_probs = _resolve_patch_grid("patchwise", grid, patch_sizes, patch_probs)
+    return {"patch_sizes": patch_sizes, "patch_probs": patch_probs}
 
 
 def _resolve_perlin(grid: Grid, scale, threshold, octaves) -> dict[str, object]:
@@ -172,44 +218,13 @@ def _resolve_asyncpatch(
         raise ValueError(f"asyncpatch needs t_min < t_max; got t_min={t_min!r}, t_max={t_max!r}.")
     delta_max = _check_float("asyncpatch delta_max", delta_max, 0.0, 1.0)
     p_synchronous = _check_float("asyncpatch p_synchronous", p_synchronous, 0.0, 1.0)
-
-    k_hi = min(grid)
-    if patch_sizes is None:
-        patch_sizes = tuple(2**i for i in range(k_hi.bit_length()))
-    if isinstance(patch_sizes, numbers.Integral):
-        patch_sizes = (patch_sizes,)
-    if not isinstance(patch_sizes, Sequence) or not patch_sizes:
-        raise ValueError(
-            f"asyncpatch patch_sizes must be a non-empty sequence of grid sizes K (patches per "
-            f"axis) in [1, {k_hi}]; got {patch_sizes!r}."
-        )
-    patch_sizes = tuple(
-        _check_int("asyncpatch patch_sizes entry (K)", k, 1, k_hi) for k in patch_sizes
-    )
-    if len(set(patch_sizes)) != len(patch_sizes):
-        raise ValueError(f"asyncpatch patch_sizes must not repeat a K; got {patch_sizes!r}.")
-
-    if patch_probs is None:
-        patch_probs = (1.0 / len(patch_sizes),) * len(patch_sizes)
-    if not isinstance(patch_probs, Sequence) or len(patch_probs) != len(patch_sizes):
-        raise ValueError(
-            f"asyncpatch patch_probs must be a sequence of {len(patch_sizes)} probabilities, one "
-            f"per entry of patch_sizes={patch_sizes!r}; got {patch_probs!r}."
-        )
-    patch_probs = tuple(
-        _check_float("asyncpatch patch_probs entry", p, 0.0, 1.0) for p in patch_probs
-    )
-    if abs(sum(patch_probs) - 1.0) > 1e-6:
-        raise ValueError(
-            f"asyncpatch patch_probs must sum to 1; got {patch_probs!r} (sum {sum(patch_probs)!r})."
-        )
-    total = sum(patch_probs)
+    patch_sizes, patch_probs = _resolve_patch_grid("asyncpatch", grid, patch_sizes, patch_probs)
     return {
         "t_min": t_min,
         "t_max": t_max,
         "delta_max": delta_max,
         "patch_sizes": patch_sizes,
-        "patch_probs": tuple(p / total for p in patch_probs),
+        "patch_probs": patch_probs,
         "p_synchronous": p_synchronous,
     }
 
@@ -258,9 +273,33 @@ def _independent(key: Array, batch_size: int, grid: Grid) -> Array:
     return jax.random.uniform(key, (batch_size, size), jnp.float32).reshape(batch_size, *grid)
 
 
-def _patchwise(key: Array, batch_size: int, grid: Grid, patches: int) -> Array:
-    table = jax.random.uniform(key, (batch_size, patches ** len(grid)), jnp.float32)
-    return _patch_levels(table, jnp.full((batch_size,), patches, jnp.int32), patches, grid)
+def _draw_k(
+    key: Array, batch_size: int, patch_sizes: tuple[int, ...], patch_probs: tuple[float, ...]
+) -> Array:
+    """[B] int32: a grid size K per image, from `patch_sizes` with `patch_probs`."""
+    return jax.random.choice(
+        key,
+        jnp.asarray(patch_sizes, jnp.int32),
+        (batch_size,),
+        p=jnp.asarray(patch_probs, jnp.float32),
+    )
+
+
+def _patchwise(
+    key: Array,
+    batch_size: int,
+    grid: Grid,
+    patch_sizes: tuple[int, ...],
+    patch_probs: tuple[float, ...],
+) -> Array:
+    k_max = max(patch_sizes)
+    if len(patch_sizes) == 1:  # one K: nothing to draw, the whole key goes to the patch levels
+        k = jnp.full((batch_size,), k_max, jnp.int32)
+    else:
+        key_k, key = jax.random.split(key)
+        k = _draw_k(key_k, batch_size, patch_sizes, patch_probs)
+    table = jax.random.uniform(key, (batch_size, k_max ** len(grid)), jnp.float32)
+    return _patch_levels(table, k, k_max, grid)
 
 
 def _perlin(
@@ -288,12 +327,7 @@ def _asyncpatch(
     key_tbar, key_k, key_patch, key_mix, key_sync = jax.random.split(key, 5)
     tbar = jax.random.uniform(key_tbar, (batch_size,), jnp.float32, t_min, t_max)
     delta = jnp.minimum(jnp.minimum(tbar - t_min, t_max - tbar), delta_max)
-    k = jax.random.choice(
-        key_k,
-        jnp.asarray(patch_sizes, jnp.int32),
-        (batch_size,),
-        p=jnp.asarray(patch_probs, jnp.float32),
-    )
+    k = _draw_k(key_k, batch_size, patch_sizes, patch_probs)
     k_max = max(patch_sizes)
     u = jax.random.uniform(key_patch, (batch_size, k_max ** len(grid)), jnp.float32, -1.0, 1.0)
     table = tbar[:, None] + delta[:, None] * u

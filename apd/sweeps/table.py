@@ -1,0 +1,218 @@
+"""A sweep's table: every metric of every point, over training seeds where the sweep has them.
+
+Each run's value of a metric is its evaluation summary's mean over evaluation seeds
+(`results.json`, `summary[NAME].mean`). Runs that differ only in the swept key `seed` form a
+group; a group's entry is the mean over its runs with a 95% Student-t interval
+(mean +- t(0.975, n - 1) s / sqrt(n), s the sample standard deviation over runs). A group of one
+run reports that run's spread over evaluation seeds (the summary's std) instead.
+
+Metric names are those of the summaries: `EVALUATOR/METRIC` (generation),
+`EVALUATOR/SETTING/METRIC` (likelihood paths) and `EVALUATOR/SETTING/METHOD/METRIC` (inpainting
+families and methods). table.md has one table per METRIC: a row per group and method (`apd`, the
+model's own plan, is the group's row; another method M is the row `M on GROUP`), a column per
+evaluator setting.
+"""
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from apd.sweeps import hyper
+
+DEFAULT_METHOD = "apd"
+
+
+def t_quantile(df: int, p: float = 0.975) -> float:
+    """The p-quantile of Student's t with `df` degrees of freedom (exact for integer df: the
+    closed-form CDF of Abramowitz & Stegun 26.7.3-4, inverted by bisection)."""
+    if not isinstance(df, int) or df < 1:
+        raise ValueError(f"degrees of freedom must be an integer >= 1; got {df!r}.")
+    if not 0.5 < p < 1.0:
+        raise ValueError(f"p must be in (0.5, 1); got {p!r}.")
+    target = 2.0 * p - 1.0  # P(|T| <= t)
+    lo, hi = 0.0, 1.0
+    while _t_central(hi, df) < target:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if _t_central(mid, df) < target:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12 * hi:
+            break
+    return 0.5 * (lo + hi)
+
+
+def _t_central(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with integer df."""
+    theta = math.atan(t / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    if df % 2:  # odd: (2/pi)(theta + sin cos (1 + 2/3 c^2 + 2*4/(3*5) c^4 + ...))
+        total, term = 0.0, 1.0
+        if df > 1:
+            total = 1.0
+            for k in range(1, (df - 3) // 2 + 1):
+                term *= c2 * (2 * k) / (2 * k + 1)
+                total += term
+        return 2.0 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
+    total, term = 1.0, 1.0  # even: sin (1 + 1/2 c^2 + 1*3/(2*4) c^4 + ...)
+    for k in range(1, (df - 2) // 2 + 1):
+        term *= c2 * (2 * k - 1) / (2 * k)
+        total += term
+    return math.sin(theta) * total
+
+
+def aggregate(values: Sequence[float], eval_std: float | None) -> dict[str, Any]:
+    """A group's entry of one metric from its runs' values (means over evaluation seeds)."""
+    n = len(values)
+    mean = math.fsum(values) / n
+    entry: dict[str, Any] = {"mean": mean, "n": n, "values": list(values)}
+    if n > 1:
+        std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+        half = t_quantile(n - 1) * std / math.sqrt(n)
+        entry |= {"std": std, "ci95": [mean - half, mean + half], "error": half}
+    else:
+        entry |= {"std": None, "ci95": None, "eval_std": eval_std, "error": eval_std}
+    return entry
+
+
+def split_name(metric: str) -> tuple[str, str, str]:
+    """Summary name -> (column, method, metric): 'inpainting/wide/repaint/fid' -> ('wide',
+    'repaint', 'fid'); 'generation/fid' -> ('generation', 'apd', 'fid'); 'likelihood/raster/
+    bits_per_dim' -> ('raster', 'apd', 'bits_per_dim')."""
+    parts = metric.split("/")
+    if len(parts) == 2:
+        return parts[0], DEFAULT_METHOD, parts[1]
+    if len(parts) == 3:
+        return parts[1], DEFAULT_METHOD, parts[2]
+    return parts[1], "/".join(parts[2:-1]), parts[-1]
+
+
+def build(runs: Sequence[Any], results: dict[str, dict]) -> dict[str, Any]:
+    """table.json: the groups of the sweep's runs (`plan.Run`s, in sweep order) with every metric
+    of the runs that have results (run name -> results.json)."""
+    key_labels = hyper.labels(k for r in runs for k in r.point)
+    groups: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        label = hyper.run_name(run.group, key_labels) if run.group else "all"
+        group = groups.setdefault(
+            label,
+            {"name": label, "overrides": run.group, "runs": [], "seeds": [], "missing": []},
+        )
+        if run.name not in results:
+            group["missing"].append(run.name)
+            continue
+        group["runs"].append(run.name)
+        group["seeds"].append(run.point.get("seed", run.config.seed))
+    metric_names: list[str] = []
+    for record in results.values():
+        metric_names += [m for m in record["summary"] if m not in metric_names]
+    for group in groups.values():
+        group["metrics"] = {}
+        for metric in metric_names:
+            entries = [results[name]["summary"].get(metric) for name in group["runs"]]
+            entries = [e for e in entries if e is not None]
+            if entries:
+                eval_std = entries[0].get("std") if len(entries) == 1 else None
+                group["metrics"][metric] = aggregate([e["mean"] for e in entries], eval_std)
+    first = next(iter(results.values()), None)
+    seeded = any(len(g["runs"]) > 1 for g in groups.values())
+    return {
+        "groups": list(groups.values()),
+        "metrics": metric_names,
+        "step": None if first is None else first["step"],
+        "evaluate": None if first is None else first["provenance"]["evaluate"],
+        "features": None if first is None else first["provenance"].get("features"),
+        "interval": "95% t-interval over training seeds" if seeded else "std over evaluation seeds",
+    }
+
+
+def _cell(entry: dict[str, Any] | None) -> str:
+    if not entry:
+        return "-"
+    digits = 2 if abs(entry["mean"]) >= 1 else 4
+    out = f"{entry['mean']:.{digits}f}"
+    if entry.get("error") is not None:
+        out += f" ± {entry['error']:.{digits}f}"
+    return out
+
+
+def _caption(table: dict[str, Any]) -> str:
+    ev = table["evaluate"] or {}
+    parts = [f"Step {table['step']}"]
+    if "seeds" in ev:
+        parts.append(f"evaluation seeds {list(ev['seeds'])}")
+    evaluators = ev.get("evaluators", ())
+    if "generation" in evaluators:
+        parts.append(f"{ev['generation']['num_samples']} generated samples")
+    if "inpainting" in evaluators:
+        inp = ev["inpainting"]
+        parts.append(f"{inp['num_images']} test images per mask family")
+    if "steps" in ev:
+        parts.append(f"DDIM {ev['steps']} steps (eta {ev.get('eta')})")
+    if "inpainting" in evaluators and ev["inpainting"].get("repaint"):
+        inp = ev["inpainting"]
+        parts.append(
+            f"RePaint {inp['repaint_steps']} steps, jump {inp['repaint_jump']}, resample "
+            f"{inp['repaint_resample']}"
+        )
+    if "likelihood" in evaluators:
+        parts.append(f"bits/dim of {ev['likelihood']['num_images']} test images")
+    features = (table.get("features") or {}).get("name")
+    if features:
+        parts.append(f"FID features {features}")
+    seeded = table["interval"].startswith("95%")
+    spread = (
+        "mean ± 95% t-interval half-width over training seeds (each run: its mean over "
+        "evaluation seeds); a group with one run: ± std over evaluation seeds"
+        if seeded
+        else "mean ± std over evaluation seeds"
+    )
+    return f"{spread}. " + "; ".join(parts) + "."
+
+
+def markdown(table: dict[str, Any], plots: Sequence[str] = ()) -> str:
+    """table.md: one table per metric, then the plots."""
+    by_metric: dict[str, dict[str, list[str]]] = {}  # metric -> {"columns", "methods"}
+    for name in table["metrics"]:
+        column, method, metric = split_name(name)
+        entry = by_metric.setdefault(metric, {"columns": [], "methods": []})
+        if column not in entry["columns"]:
+            entry["columns"].append(column)
+        if method not in entry["methods"]:
+            entry["methods"].append(method)
+    lines = [_caption(table), ""]
+    for metric, layout in by_metric.items():
+        header = ["run", *(f"{c} {metric}" for c in layout["columns"])]
+        rows = []
+        for group in table["groups"]:
+            for method in layout["methods"]:
+                cells = []
+                for column in layout["columns"]:
+                    cells.append(
+                        _cell(group["metrics"].get(_metric_name(table, column, method, metric)))
+                    )
+                if all(c == "-" for c in cells):
+                    continue
+                label = (
+                    group["name"] if method == DEFAULT_METHOD else f"{method} on {group['name']}"
+                )
+                if len(group["runs"]) > 1:
+                    label += f" (n={len(group['runs'])})"
+                rows.append("| " + " | ".join([label, *cells]) + " |")
+        lines += [f"{metric}:", "", "| " + " | ".join(header) + " |"]
+        lines += ["|" + "|".join("---" for _ in header) + "|", *rows, ""]
+    missing = [name for g in table["groups"] for name in g["missing"]]
+    if missing:
+        lines += [f"Not evaluated yet: {', '.join(missing)}.", ""]
+    for plot in plots:
+        lines += [f"![{plot}]({plot})", ""]
+    return "\n".join(lines)
+
+
+def _metric_name(table: dict[str, Any], column: str, method: str, metric: str) -> str | None:
+    for name in table["metrics"]:
+        if split_name(name) == (column, method, metric):
+            return name
+    return None

@@ -1,0 +1,29 @@
+"""asyncpatch's delta_max (the largest half-width of the patch levels around the image mean):
+0 trains on synchronous maps only, 1 lets a patch span up to the whole [0, 1] mid-way.
+
+Each run is the sampler ablation's asyncpatch run (`experiments/ablation_samplers.py`: the same
+model, steps, batch, optimizer and evaluation) with delta_max changed; delta_max = 0.5 (the
+paper's value, apd's default) is the ablation's asyncpatch run itself. Three training seeds.
+
+    python -m apd.sweep --config=experiments/sweep_delta_max.py --root=runs/delta_max
+
+Config arguments: steps (training steps of every run), smoke.
+"""
+
+import ml_collections as mc
+
+from experiments import ablation_samplers, common
+
+DELTA_MAX = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
+SEEDS = (0, 1, 2)
+
+
+def get_config(arg: str | None = None) -> mc.ConfigDict:
+    arg = common.parse_arg(arg, steps=1200, smoke=False)
+    return ablation_samplers.get_config(
+        f"sampler=asyncpatch,steps={arg.steps}" + (",smoke" if arg.smoke else "")
+    )
+
+
+def get_hyper(h):
+    return h.product([h.sweep("levels.params.delta_max", DELTA_MAX), h.sweep("seed", SEEDS)])

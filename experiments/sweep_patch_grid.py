@@ -1,0 +1,31 @@
+"""asyncpatch's patch grids: which grid sizes K (patches per axis) a training map draws from.
+
+Each run is the sampler ablation's asyncpatch run (`experiments/ablation_samplers.py`) with
+`levels.params.patch_sizes` changed and K uniform over them (`patch_probs` follows a new
+`patch_sizes`: see `apd.cli.apply_level_overrides`). The grids: one K at a time (1: one level per
+image around the mean, 4, 16: near pixel level on 28 x 28), coarse and fine mixtures, the
+default (every power of two up to the grid; the ablation's asyncpatch run) and the default
+without K = 1. Three training seeds.
+
+    python -m apd.sweep --config=experiments/sweep_patch_grid.py --root=runs/patch_grid
+
+Config arguments: steps (training steps of every run), smoke.
+"""
+
+import ml_collections as mc
+
+from experiments import ablation_samplers, common
+
+PATCH_GRIDS = ((1,), (4,), (16,), (1, 2, 4), (4, 8, 16), (1, 2, 4, 8, 16), (2, 4, 8, 16))
+SEEDS = (0, 1, 2)
+
+
+def get_config(arg: str | None = None) -> mc.ConfigDict:
+    arg = common.parse_arg(arg, steps=1200, smoke=False)
+    return ablation_samplers.get_config(
+        f"sampler=asyncpatch,steps={arg.steps}" + (",smoke" if arg.smoke else "")
+    )
+
+
+def get_hyper(h):
+    return h.product([h.sweep("levels.params.patch_sizes", PATCH_GRIDS), h.sweep("seed", SEEDS)])
