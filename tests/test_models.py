@@ -255,6 +255,143 @@ def test_dit_bf16_activations_track_float32_activations():
         models.build(TINY["dit"][0], activation_dtype="float16").init(KEY, z, levels, None)
 
 
+def test_unet_bf16_activations_track_float32_activations():
+    """activation_dtype=bfloat16 keeps the U-Net's feature maps (convolution, block and
+    attention outputs) in bf16; FiLM parameters, outputs and gradients stay float32 and close to
+    the float32-activation model's."""
+    model32, params, z, levels = tiny("unet", dtype="bfloat16")
+    model16 = models.build(TINY["unet"][0], dtype="bfloat16", activation_dtype="bfloat16")
+    target = jax.random.normal(jax.random.key(5), z.shape)
+
+    def loss(model, p):
+        return jnp.mean(jnp.square(model.apply({"params": p}, z, levels, None) - target))
+
+    (l32, g32), (l16, g16) = (
+        jit(jax.value_and_grad(functools.partial(loss, m)))(params) for m in (model32, model16)
+    )
+    out16, state = model16.apply(
+        {"params": params}, z, levels, None, capture_intermediates=True, mutable="intermediates"
+    )
+    out32 = predict(model32, params, z, levels, None)
+    inter = state["intermediates"]
+    assert out16.dtype == jnp.float32
+    assert inter["ResBlock_0"]["__call__"][0].dtype == jnp.bfloat16
+    assert inter["ResBlock_0"]["Conv_0"]["__call__"][0].dtype == jnp.bfloat16
+    assert inter["AttentionBlock_0"]["__call__"][0].dtype == jnp.bfloat16
+    scale, shift = inter["ResBlock_0"]["FiLM_0"]["__call__"][0]
+    assert scale.dtype == shift.dtype == jnp.float32
+    assert float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32)) < 0.03
+    assert abs(float(l16 - l32)) < 0.03 * float(l32)
+    for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32), strict=True):
+        assert a.dtype == jnp.float32
+        assert float(jnp.linalg.norm(a - b)) <= 0.05 * float(jnp.linalg.norm(b)) + 1e-6
+    with pytest.raises(ValueError, match="activation_dtype 'float16'"):
+        models.build(TINY["unet"][0], activation_dtype="float16").init(KEY, z, levels, None)
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_remat_policies_give_the_loss_and_gradients_of_none(kind):
+    """Every remat policy recomputes the same float32 operations as plain autodiff: the loss
+    agrees to 1e-6 and every gradient to 1e-5 of its norm (only XLA's fusion, hence float32
+    rounding, may differ). And each policy keeps less for the backward pass than the one before
+    it: the residuals of `jax.vjp` shrink from none to dots, projections and full. (XLA:CPU's
+    scheduler computes the recomputation early, so the compiled CPU program's peak memory does
+    not show the saving.)"""
+    model, params, z, levels = tiny(kind)
+    target = jax.random.normal(jax.random.key(5), z.shape)
+    labels = None
+
+    def loss(remat, p):
+        pred = model.clone(remat=remat).apply({"params": p}, z, levels, labels, train=True)
+        return jnp.mean(jnp.square(pred - target))
+
+    results, saved = {}, {}
+    for remat in layers.REMAT_POLICIES:
+        fn = functools.partial(loss, remat)
+        results[remat] = jit(jax.value_and_grad(fn))(params)
+        residuals = jax.eval_shape(lambda p, fn=fn: jax.vjp(fn, p)[1], params)
+        saved[remat] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(residuals))
+    l0, g0 = results["none"]
+    for remat, (l, g) in results.items():
+        np.testing.assert_allclose(l, l0, rtol=1e-6, err_msg=remat)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0), strict=True):
+            assert float(jnp.linalg.norm(a - b)) <= 1e-5 * float(jnp.linalg.norm(b)) + 1e-9, remat
+    assert saved["none"] > saved["dots"] > saved["projections"] > saved["full"], saved
+    with pytest.raises(ValueError, match="remat policy 'per_layer'"):
+        model.clone(remat="per_layer").init(KEY, z, levels, None)
+
+
+def _norm_reference(x, gain, shift, groups, spatial_axes, eps, silu):
+    """The unfused computation, differentiated by autodiff."""
+    C = x.shape[-1]
+    xg = x.astype(jnp.float32).reshape(*x.shape[:-1], groups, C // groups)
+    axes = (*spatial_axes, x.ndim)
+    mean = jnp.mean(xg, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
+    gain, shift = (layers.to_rank(v, x.ndim) for v in (gain, shift))
+    y = ((xg - mean) / jnp.sqrt(var + eps)).reshape(x.shape) * gain + shift
+    return (jax.nn.silu(y) if silu else y).astype(x.dtype)
+
+
+@pytest.mark.parametrize(
+    ("shape", "mod_shape", "groups", "spatial", "silu"),
+    [
+        ((2, 4, 6, 8), (2, 4, 6, 8), 4, (1, 2), True),  # U-Net: GroupNorm + per-pixel FiLM + SiLU
+        ((2, 4, 6, 8), (2, 1, 1, 8), 2, (1, 2), True),  # per-sample FiLM
+        ((2, 4, 6, 8), (8,), 8, (1, 2), False),  # affine GroupNorm
+        ((2, 5, 16), (2, 5, 16), 1, (), False),  # DiT: LayerNorm + per-token adaLN
+    ],
+)
+def test_norm_modulate_equals_the_unfused_computation(shape, mod_shape, groups, spatial, silu):
+    """Values to 1e-5 and the gradients of x, gain and shift to 1e-4 (float32 rounding of two
+    orders of summation); in bf16, the output and x's gradient are bf16 and track float32."""
+    kx, kg, ks, kd = jax.random.split(jax.random.key(3), 4)
+    x = 3.0 * jax.random.normal(kx, shape) + 1.0
+    gain = 1.0 + 0.5 * jax.random.normal(kg, mod_shape)
+    shift = 0.5 * jax.random.normal(ks, mod_shape)
+    dy = jax.random.normal(kd, shape)
+
+    def fused(x, gain, shift):
+        return layers.norm_modulate(
+            x, gain, shift, groups=groups, spatial_axes=spatial, eps=1e-5, silu=silu
+        )
+
+    def reference(x, gain, shift):
+        return _norm_reference(x, gain, shift, groups, spatial, 1e-5, silu)
+
+    out, vjp = jax.vjp(fused, x, gain, shift)
+    ref_out, ref_vjp = jax.vjp(reference, x, gain, shift)
+    ref_grads = ref_vjp(dy)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    for a, b in zip(vjp(dy), ref_grads, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    out16, vjp16 = jax.vjp(fused, x.astype(jnp.bfloat16), gain, shift)
+    dx16, dgain16, _ = vjp16(dy.astype(jnp.bfloat16))
+    assert out16.dtype == dx16.dtype == jnp.bfloat16 and dgain16.dtype == jnp.float32
+    for a, b in ((out16, ref_out), (dx16, ref_grads[0])):
+        rel = float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+        assert rel < 0.02, rel
+
+
+def test_group_norm_is_flax_group_norm_and_refuses_bad_groups():
+    """apd's fused GroupNorm has flax's parameters and values (checkpoints are unchanged)."""
+    x = jax.random.normal(KEY, (2, 4, 4, 12)) * 2.0 + 0.5
+    ours, theirs = layers.GroupNorm(8), flax.linen.GroupNorm(num_groups=4, epsilon=1e-5)
+    params = random_params(theirs, 1, x)
+    assert jax.tree.structure(params) == jax.tree.structure(random_params(ours, 1, x))
+    np.testing.assert_allclose(
+        ours.apply({"params": params}, x, silu=True),
+        jax.nn.silu(theirs.apply({"params": params}, x)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    with pytest.raises(ValueError, match="positive divisor of the channels 12; got 5"):
+        layers.norm_modulate(x, jnp.ones(12), jnp.zeros(12), groups=5, spatial_axes=(1, 2))
+    with pytest.raises(ValueError, match="12 or 1 channels"):
+        layers.norm_modulate(x, jnp.ones(6), jnp.zeros(12), groups=4, spatial_axes=(1, 2))
+
+
 # ---------------------------------------------------------------------------------------------
 # Labels and input checks
 

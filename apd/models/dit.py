@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from apd import checks
-from apd.models import conditioning
+from apd.models import conditioning, layers
 from apd.models.layers import Dense, Dtype, SelfAttention, to_rank, zeros
 
 Array = jax.Array
@@ -67,45 +67,15 @@ def _gate_zero_table_init(key: Array, shape: tuple[int, ...], dtype: Dtype = jnp
     return table.at[jnp.array([2, 5])].set(0.0)
 
 
-def _sum_to(g: Array, shape: tuple[int, ...]) -> Array:
-    """Sums g over the axes where `shape` has size 1 (the adjoint of broadcasting to g)."""
-    axes = tuple(i for i, (a, b) in enumerate(zip(g.shape, shape, strict=True)) if b == 1 != a)
-    return jnp.sum(g, axis=axes, keepdims=True)
-
-
-@jax.custom_vjp
 def modulate(x: Array, shift: Array, scale: Array) -> Array:
-    """LayerNorm (no affine, float32) of x [B, N, D], then * (1 + scale) + shift ([B, N|1, D]);
-    the result in x's dtype.
+    """LayerNorm (no affine, float32 statistics, eps 1e-6) of x [B, N, D], then
+    * (1 + scale) + shift ([B, N|1, D], float32); the result in x's dtype.
 
-    Its hand-written backward divides by the standard deviation once per element, which keeps
-    XLA from re-fusing the residual stream's gradient of every later block into each consumer.
+    One `layers.norm_modulate`: its hand-written backward divides by the standard deviation once
+    per element, which keeps XLA from re-fusing the residual stream's gradient of every later
+    block into each consumer, and saves x rather than xhat.
     """
-    return _modulate_fwd(x, shift, scale)[0]
-
-
-def _modulate_fwd(x: Array, shift: Array, scale: Array):
-    # Statistics and modulation in float32; output (and the saved xhat) in x's dtype.
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    std = jnp.sqrt(jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True) + 1e-6)
-    xhat = (x32 - mean) / std
-    y = (xhat * (1.0 + scale) + shift).astype(x.dtype)
-    return y, (xhat.astype(x.dtype), std, shift.shape, scale)
-
-
-def _modulate_bwd(res, dy: Array):
-    xhat, std, shift_shape, scale = res
-    dtype = xhat.dtype
-    xhat, dy = xhat.astype(jnp.float32), dy.astype(jnp.float32)
-    dxhat = dy * (1.0 + scale)
-    mean_dxhat = jnp.mean(dxhat, axis=-1, keepdims=True)
-    mean_dxhat_xhat = jnp.mean(dxhat * xhat, axis=-1, keepdims=True)
-    dx = (dxhat - mean_dxhat - xhat * mean_dxhat_xhat) / std
-    return dx.astype(dtype), _sum_to(dy, shift_shape), _sum_to(dy * xhat, scale.shape)
-
-
-modulate.defvjp(_modulate_fwd, _modulate_bwd)
+    return layers.norm_modulate(x, 1.0 + scale, shift, eps=1e-6)
 
 
 class DiTBlock(nn.Module):
@@ -168,6 +138,8 @@ class DiT(nn.Module):
         residual stream, q/k/v, the MLP hidden): float32 (default), or bfloat16 to halve the
         memory traffic of the element-wise work where it is memory-bound (GPUs).
         Normalisation statistics and modulation are computed in float32 either way.
+      remat: rematerialisation policy of the blocks, a name in `layers.REMAT_POLICIES`: 'none'
+        (default), 'dots', 'projections' or 'full'.
     """
 
     width: int = 384
@@ -182,12 +154,12 @@ class DiT(nn.Module):
     level_nodes: int = 129
     dtype: Dtype = jnp.float32
     activation_dtype: Dtype = jnp.float32
+    remat: str = "none"
 
     def setup(self) -> None:
         checks.check_choice("modulation", self.modulation, MODULATIONS)
-        checks.check_choice(
-            "activation_dtype", jnp.dtype(self.activation_dtype).name, ("float32", "bfloat16")
-        )
+        layers.check_activation_dtype(self.activation_dtype)
+        checks.check_choice("remat policy", self.remat, layers.REMAT_POLICIES)
         single = self.modulation == "single"
         self.level_table = conditioning.LevelTable(
             emb_dim=self.width,
@@ -264,8 +236,9 @@ class DiT(nn.Module):
         )
         x = x + jnp.asarray(sincos_position_embedding(grid, self.width))[None]
         x = x.astype(self.activation_dtype)
-        for _ in range(self.depth):
-            x = DiTBlock(
+        block = layers.remat_block(DiTBlock, self.remat, static_argnums=(3,))
+        for i in range(self.depth):
+            x = block(
                 self.width,
                 self.num_heads,
                 self.mlp_ratio,
@@ -273,6 +246,7 @@ class DiT(nn.Module):
                 self.modulation,
                 self.dtype,
                 self.activation_dtype,
+                name=f"DiTBlock_{i}",
             )(x, block_mod, train)
         final_table = self.param("final_table", nn.initializers.zeros, (2, self.width))
         shift, scale = (m + to_rank(final_table[i], m.ndim) for i, m in enumerate(final_mod))

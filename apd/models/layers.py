@@ -1,12 +1,13 @@
 """Layers shared by the backbones: matmuls and convolutions with a selectable operand precision,
-multi-head attention, group normalisation.
+multi-head attention, normalisation fused with modulation and SiLU, rematerialisation policies.
 
 Precision: parameters are float32. `dtype` is the operand dtype of matmuls and convolutions
 (float32 or bfloat16); they always accumulate and return float32
 (`preferred_element_type=float32`), so normalisation, modulation, residual sums and outputs stay
-float32 whatever `dtype` is. Matmuls use `matmul`, whose backward pass also multiplies in `dtype`
-(autodiff of a bf16 forward would multiply the float32 cotangents in float32, losing most of the
-bf16 speed-up, since two of a training step's three matmuls are in the backward pass).
+float32 whatever `dtype` is, unless a model keeps bf16 activations (`out_dtype`). Matmuls use
+`matmul`, whose backward pass also multiplies in `dtype` (autodiff of a bf16 forward would
+multiply the float32 cotangents in float32, losing most of the bf16 speed-up, since two of a
+training step's three matmuls are in the backward pass).
 """
 
 import functools
@@ -17,6 +18,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from apd import checks
 
 Array = jax.Array
 Dtype = Any
@@ -24,6 +28,10 @@ Initializer = Callable[..., Array]
 
 zeros = nn.initializers.zeros
 default_kernel_init = nn.initializers.lecun_normal()
+
+# The name `checkpoint_name` gives the outputs of the layers with weights (Dense, Conv): what the
+# 'projections' remat policy saves.
+PROJECTION = "projection"
 
 
 def _dot(a: Array, b: Array, contract: tuple[int, int], dtype: Dtype) -> Array:
@@ -118,7 +126,7 @@ class Dense(nn.Module):
         if self.use_bias:
             bias = self.param("bias", zeros, (self.features,), jnp.float32)
             y = y + to_rank(bias.astype(y.dtype), y.ndim)
-        return y
+        return checkpoint_name(y, PROJECTION)
 
 
 def conv_as_matmul(x: Array, kernel: Array, dtype: Dtype) -> Array:
@@ -223,7 +231,7 @@ def conv_output_dtype(dtype: Dtype, backend: str | None = None) -> jnp.dtype:
 
 
 class Conv(nn.Module):
-    """2-D convolution, NHWC, 'SAME' padding; float32 accumulation and output.
+    """2-D convolution, NHWC, 'SAME' padding; float32 accumulation, output in `out_dtype`.
 
     With bfloat16 operands on CPU, stride-1 convolutions run as a matmul (`conv_as_matmul`); on
     GPU they write bf16 before the cast to float32 (`conv_output_dtype`).
@@ -236,6 +244,7 @@ class Conv(nn.Module):
       strides: stride along both spatial axes.
       upsample: nearest x2 upsampling before the convolution (3x3, stride 1 only).
       dtype: operand dtype (float32 or bfloat16).
+      out_dtype: output dtype (float32, or bfloat16 for models that keep bf16 activations).
       kernel_init: initialiser of the [k, k, in, features] kernel.
     """
 
@@ -244,6 +253,7 @@ class Conv(nn.Module):
     strides: int = 1
     upsample: bool = False
     dtype: Dtype = jnp.float32
+    out_dtype: Dtype = jnp.float32
     kernel_init: Initializer = default_kernel_init
 
     @nn.compact
@@ -267,19 +277,153 @@ class Conv(nn.Module):
                 padding="SAME",
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
                 preferred_element_type=conv_output_dtype(self.dtype),
-            ).astype(jnp.float32)
-        return y + to_rank(self.param("bias", zeros, (self.features,), jnp.float32), 4)
+            )
+        bias = self.param("bias", zeros, (self.features,), jnp.float32)
+        y = y.astype(self.out_dtype) + to_rank(bias.astype(self.out_dtype), 4)
+        return checkpoint_name(y, PROJECTION)
 
 
-def group_norm(num_channels: int, groups: int, affine: bool = True) -> nn.GroupNorm:
-    """float32 GroupNorm with gcd(groups, channels) groups, so any channel count works."""
-    return nn.GroupNorm(
-        num_groups=math.gcd(groups, num_channels),
-        epsilon=1e-5,
-        use_scale=affine,
-        use_bias=affine,
-        dtype=jnp.float32,
+def _sum_to(g: Array, shape: tuple[int, ...]) -> Array:
+    """Sums g over the axes where `shape` has size 1 (the adjoint of broadcasting to g)."""
+    axes = tuple(i for i, (a, b) in enumerate(zip(g.shape, shape, strict=True)) if b == 1 != a)
+    return jnp.sum(g, axis=axes, keepdims=True)
+
+
+def _silu_and_grad(y: Array) -> tuple[Array, Array]:
+    sig = jax.nn.sigmoid(y)
+    return y * sig, sig * (1.0 + y * (1.0 - sig))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _norm_modulate(x: Array, gain: Array, shift: Array, axes: tuple[int, ...], eps: float, silu):
+    return _norm_modulate_fwd(x, gain, shift, axes, eps, silu)[0]
+
+
+def _norm_modulate_fwd(x, gain, shift, axes, eps, silu):
+    # Statistics, modulation and SiLU in float32; the output in x's dtype. Saved for the backward
+    # pass: x itself (live anyway as the block's input or a layer's output), the per-group mean
+    # and reciprocal standard deviation, and gain and shift; xhat and the pre-activation are
+    # recomputed there from them in one element-wise pass.
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=axes, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x32 - mean), axis=axes, keepdims=True) + eps)
+    y = (x32 - mean) * rstd * gain + shift
+    if silu:
+        y = _silu_and_grad(y)[0]
+    return y.astype(x.dtype), (x, mean, rstd, gain, shift)
+
+
+def _norm_modulate_bwd(axes, eps, silu, res, dy):
+    x, mean, rstd, gain, shift = res
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    g = dy.astype(jnp.float32)
+    if silu:
+        g = g * _silu_and_grad(xhat * gain + shift)[1]
+    dxhat = g * gain
+    mean_dxhat = jnp.mean(dxhat, axis=axes, keepdims=True)
+    mean_dxhat_xhat = jnp.mean(dxhat * xhat, axis=axes, keepdims=True)
+    dx = (dxhat - mean_dxhat - xhat * mean_dxhat_xhat) * rstd
+    return dx.astype(x.dtype), _sum_to(g * xhat, gain.shape), _sum_to(g, shift.shape)
+
+
+_norm_modulate.defvjp(_norm_modulate_fwd, _norm_modulate_bwd)
+
+
+def norm_modulate(
+    x: Array,
+    gain: Array,
+    shift: Array,
+    *,
+    groups: int = 1,
+    spatial_axes: tuple[int, ...] = (),
+    eps: float = 1e-5,
+    silu: bool = False,
+) -> Array:
+    """Normalisation, modulation and optionally SiLU as one function with a hand-written VJP.
+
+        y = act(xhat * gain + shift),   xhat = (x - mean) / sqrt(var + eps)
+
+    with the mean and variance taken over `spatial_axes` and, within each of `groups` equal
+    slices of the channels, over the channels: LayerNorm is groups=1 and no spatial axes,
+    GroupNorm is `spatial_axes=(1, 2)` for [B, H, W, C]. gain and shift broadcast against x with
+    C (or 1) channels: [C] for an affine norm, per-token [B, h, w, C] for FiLM / adaLN (1 +
+    scale and shift). act is SiLU or the identity.
+
+    Statistics, modulation and SiLU run in float32 and the result has x's dtype (bf16 with bf16
+    activations). The backward pass saves x, the per-group statistics, gain and shift, and
+    recomputes xhat and the pre-activation in the one element-wise pass that forms all three
+    gradients: autodiff of the unfused form saves xhat, the pre-activation and the SiLU's
+    sigmoid (three activation-sized arrays) and reads them in separate passes.
+    The gradients of gain and shift are float32, x's in x's dtype.
+    """
+    C = x.shape[-1]
+    if groups < 1 or C % groups:
+        raise ValueError(f"groups must be a positive divisor of the channels {C}; got {groups}.")
+    ndim = x.ndim
+    spatial = tuple(sorted(a % ndim for a in spatial_axes))
+    if any(a in (0, ndim - 1) for a in spatial):
+        raise ValueError(
+            f"spatial_axes must name axes between the batch and the channel axis of a rank-{ndim} "
+            f"array; got {spatial_axes}."
+        )
+
+    def grouped(v: Array) -> Array:
+        v = to_rank(jnp.asarray(v, jnp.float32), ndim)
+        if v.shape[-1] not in (1, C):
+            raise ValueError(f"gain and shift need {C} or 1 channels; got shape {v.shape}.")
+        return v.reshape(*v.shape[:-1], *((groups, C // groups) if v.shape[-1] == C else (1, 1)))
+
+    y = _norm_modulate(
+        x.reshape(*x.shape[:-1], groups, C // groups),
+        grouped(gain),
+        grouped(shift),
+        (*spatial, ndim),
+        float(eps),
+        bool(silu),
     )
+    return y.reshape(x.shape)
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm over (H, W, C / G) of [B, H, W, C] with gcd(groups, C) groups (any channel count
+    works), float32 statistics, then either its own affine (parameters 'scale' and 'bias', as
+    flax's GroupNorm) or, with affine=False, a per-location FiLM (1 + scale, shift), then
+    optionally SiLU: one `norm_modulate`. The output has x's dtype.
+
+    Attributes:
+      groups: requested number of groups.
+      affine: learned per-channel scale and bias.
+      epsilon: added to the variance.
+    """
+
+    groups: int = 32
+    affine: bool = True
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(
+        self, x: Array, scale: Array | None = None, shift: Array | None = None, silu: bool = False
+    ) -> Array:
+        """x [B, H, W, C]; scale, shift: FiLM parameters broadcasting against x (affine=False
+        only; float32); silu: apply SiLU after the modulation."""
+        C = x.shape[-1]
+        if self.affine:
+            if scale is not None or shift is not None:
+                raise ValueError("an affine GroupNorm takes no FiLM scale or shift.")
+            gain = self.param("scale", nn.initializers.ones, (C,), jnp.float32)
+            shift = self.param("bias", zeros, (C,), jnp.float32)
+        else:
+            gain = jnp.ones((C,), jnp.float32) if scale is None else 1.0 + scale
+            shift = jnp.zeros((C,), jnp.float32) if shift is None else shift
+        return norm_modulate(
+            x,
+            gain,
+            shift,
+            groups=math.gcd(self.groups, C),
+            spatial_axes=(1, 2),
+            eps=self.epsilon,
+            silu=silu,
+        )
 
 
 def explicit_attention(q: Array, k: Array, v: Array, dtype: Dtype) -> Array:
@@ -356,3 +500,39 @@ class SelfAttention(nn.Module):
             kernel_init=self.out_init,
             name="out",
         )(out)
+
+
+# Rematerialisation (gradient checkpointing) of a backbone's blocks, by name. Every policy other
+# than 'none' wraps each block (U-Net: ResBlock and AttentionBlock; DiT: DiTBlock) in
+# `nn.remat` with a `jax.checkpoint_policies` policy saying which of the block's intermediate
+# values the forward pass keeps for the backward pass; the rest is recomputed from the block's
+# input during the backward pass. Values and gradients are those of 'none'.
+REMAT_POLICIES = {
+    # Plain autodiff: every residual the backward pass needs is kept.
+    "none": None,
+    # Keep the outputs of every matmul and convolution (attention's two products included);
+    # recompute the element-wise work: normalisation, modulation, SiLU/GELU, softmax, casts.
+    "dots": jax.checkpoint_policies.dots_saveable,
+    # Keep only the outputs of the layers with weights (Dense and Conv, tagged `PROJECTION`);
+    # also recompute attention's logits and softmax ([B, heads, N, N] arrays at high resolution).
+    "projections": jax.checkpoint_policies.save_only_these_names(PROJECTION),
+    # Keep only each block's inputs; the backward pass recomputes the whole block's forward pass
+    # (about one extra forward pass per step, the least activation memory).
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def check_activation_dtype(dtype: Dtype) -> None:
+    """Raises ValueError unless dtype is float32 or bfloat16 (the activation dtypes apd keeps)."""
+    checks.check_choice("activation_dtype", jnp.dtype(dtype).name, ("float32", "bfloat16"))
+
+
+def remat_block(block: type[nn.Module], remat: str, static_argnums: tuple[int, ...] = ()):
+    """The block's class under the named remat policy (`REMAT_POLICIES`); 'none' returns it as it
+    is. static_argnums count `self` as 0 (e.g. a `train` flag). Callers name the blocks
+    explicitly: `nn.remat` renames the class, and parameter paths must not depend on the policy.
+    """
+    checks.check_choice("remat policy", remat, REMAT_POLICIES)
+    if remat == "none":
+        return block
+    return nn.remat(block, policy=REMAT_POLICIES[remat], static_argnums=static_argnums)

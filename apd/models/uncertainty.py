@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from apd.models import conditioning
-from apd.models.layers import Conv, Dense, Dtype, group_norm
+from apd.models.layers import Conv, Dense, Dtype, GroupNorm
 
 Array = jax.Array
 
@@ -59,12 +59,8 @@ class UncertaintyHead(nn.Module):
             conditioning.sinusoidal_embedding(cell_levels, self.level_dim)
         )
         for _ in range(self.depth):
-            x = x + Conv(self.hidden, dtype=self.dtype)(
-                nn.silu(group_norm(self.hidden, self.norm_groups)(x))
-            )
-        x = Dense(p * p, dtype=self.dtype, name="out")(
-            nn.silu(group_norm(self.hidden, self.norm_groups)(x))
-        )
+            x = x + Conv(self.hidden, dtype=self.dtype)(GroupNorm(self.norm_groups)(x, silu=True))
+        x = Dense(p * p, dtype=self.dtype, name="out")(GroupNorm(self.norm_groups)(x, silu=True))
         cells = x.reshape(B, h, w, p, p).transpose(0, 1, 3, 2, 4).reshape(B, h * p, w * p)
         pixel = Dense(1, dtype=self.dtype, name="pixel_level")(
             conditioning.sinusoidal_embedding(levels, self.level_dim)

@@ -15,6 +15,13 @@ each taking one encoder activation as skip (concatenated, or with skip='add' add
 projection where the widths differ), then nearest-neighbour x2 upsampling and a conv (computed
 folded, `layers.upsample_conv`); out:
 GroupNorm, SiLU (the features), conv to z's channels (zero initialised).
+
+Each GroupNorm with what follows it (affine or FiLM, SiLU) is one fused `layers.GroupNorm` call
+(`layers.norm_modulate`: float32 statistics and modulation, a hand-written backward pass). With
+`activation_dtype=bfloat16` the feature maps between layers (convolution and attention outputs,
+the residual stream, the skips) are bf16; statistics, FiLM parameters and the output stay
+float32. `remat` names the rematerialisation policy of the ResBlocks and AttentionBlocks
+(`layers.REMAT_POLICIES`).
 """
 
 import flax.linen as nn
@@ -22,8 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from apd import checks
-from apd.models import conditioning
-from apd.models.layers import Conv, Dense, Dtype, SelfAttention, group_norm, zeros
+from apd.models import conditioning, layers
+from apd.models.layers import Conv, Dense, Dtype, GroupNorm, SelfAttention, zeros
 
 Array = jax.Array
 
@@ -49,24 +56,27 @@ class FiLM(nn.Module):
 
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv3x3 -> GroupNorm * (1 + scale) + shift -> SiLU -> dropout ->
-    conv3x3 (zero init), plus a 1x1-projected skip where the width changes."""
+    conv3x3 (zero init), plus a 1x1-projected skip where the width changes. The output (and the
+    convolutions' outputs) in `activation_dtype`."""
 
     channels: int
     dropout: float = 0.0
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
+    activation_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, cond: Array, train: bool) -> Array:
-        h = nn.silu(group_norm(x.shape[-1], self.norm_groups)(x))
-        h = Conv(self.channels, dtype=self.dtype)(h)
+        act = self.activation_dtype
+        h = GroupNorm(self.norm_groups)(x, silu=True)
+        h = Conv(self.channels, dtype=self.dtype, out_dtype=act)(h)
         scale, shift = FiLM(self.channels, dtype=self.dtype)(cond)
-        h = group_norm(self.channels, self.norm_groups, affine=False)(h) * (1.0 + scale) + shift
-        h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
-        h = Conv(self.channels, dtype=self.dtype, kernel_init=zeros)(h)
+        h = GroupNorm(self.norm_groups, affine=False)(h, scale, shift, silu=True)
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = Conv(self.channels, dtype=self.dtype, out_dtype=act, kernel_init=zeros)(h)
         if x.shape[-1] != self.channels:
-            x = Dense(self.channels, dtype=self.dtype, name="skip_proj")(x)
-        return x + h
+            x = Dense(self.channels, dtype=self.dtype, out_dtype=act, name="skip_proj")(x)
+        return (x + h).astype(act)
 
 
 class AttentionBlock(nn.Module):
@@ -75,13 +85,19 @@ class AttentionBlock(nn.Module):
     head_dim: int
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
+    activation_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         B, H, W, C = x.shape
-        h = group_norm(C, self.norm_groups)(x).reshape(B, H * W, C)
-        h = SelfAttention(max(C // self.head_dim, 1), dtype=self.dtype, out_init=zeros)(h)
-        return x + h.reshape(B, H, W, C)
+        h = GroupNorm(self.norm_groups)(x).reshape(B, H * W, C)
+        h = SelfAttention(
+            max(C // self.head_dim, 1),
+            dtype=self.dtype,
+            activation_dtype=self.activation_dtype,
+            out_init=zeros,
+        )(h)
+        return (x + h.reshape(B, H, W, C)).astype(self.activation_dtype)
 
 
 class UNet(nn.Module):
@@ -103,7 +119,12 @@ class UNet(nn.Module):
       level_nodes: nodes K of the level table.
       norm_groups: GroupNorm groups (gcd with the channel count).
       dtype: operand dtype of matmuls and convolutions (float32 or bfloat16); parameters,
-        normalisation, modulation and output are float32.
+        normalisation statistics, modulation and output are float32.
+      activation_dtype: dtype of the feature maps between layers: float32 (default) or
+        bfloat16 (halves the memory traffic of the element-wise work, for GPUs); normalisation
+        statistics, FiLM parameters and the output stay float32 either way.
+      remat: rematerialisation policy of the blocks, a name in `layers.REMAT_POLICIES`: 'none'
+        (default), 'dots', 'projections' or 'full'.
     """
 
     base: int = 128
@@ -120,9 +141,13 @@ class UNet(nn.Module):
     level_nodes: int = 129
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
+    activation_dtype: Dtype = jnp.float32
+    remat: str = "none"
 
     def setup(self) -> None:
         checks.check_choice("skip connection", self.skip, SKIPS)
+        layers.check_activation_dtype(self.activation_dtype)
+        checks.check_choice("remat policy", self.remat, layers.REMAT_POLICIES)
         if len(self.res_blocks) != len(self.multipliers):
             raise ValueError(
                 f"res_blocks {self.res_blocks} needs one entry per multiplier {self.multipliers}."
@@ -188,16 +213,25 @@ class UNet(nn.Module):
             )
         conds = self.conditioning(jnp.asarray(levels, jnp.float32), labels, (H, W))
         widths = [self.base * m for m in self.multipliers]
+        act = self.activation_dtype
+        res_cls = layers.remat_block(ResBlock, self.remat, static_argnums=(3,))
+        attn_cls = layers.remat_block(AttentionBlock, self.remat)
+        count = {"res": 0, "attn": 0}  # explicit block names: see `layers.remat_block`
 
         def res_block(h: Array, level: int) -> Array:
-            return ResBlock(widths[level], self.dropout, self.norm_groups, self.dtype)(
-                h, conds[level], train
+            name = f"ResBlock_{count['res']}"
+            count["res"] += 1
+            block = res_cls(
+                widths[level], self.dropout, self.norm_groups, self.dtype, act, name=name
             )
+            return block(h, conds[level], train)
 
         def attend(h: Array) -> Array:
-            return AttentionBlock(self.head_dim, self.norm_groups, self.dtype)(h)
+            name = f"AttentionBlock_{count['attn']}"
+            count["attn"] += 1
+            return attn_cls(self.head_dim, self.norm_groups, self.dtype, act, name=name)(h)
 
-        h = Conv(self.base, dtype=self.dtype, name="conv_in")(z.astype(jnp.float32))
+        h = Conv(self.base, dtype=self.dtype, out_dtype=act, name="conv_in")(z.astype(jnp.float32))
         skips = [h]
         for level, width in enumerate(widths):
             for _ in range(self.res_blocks[level]):
@@ -206,7 +240,7 @@ class UNet(nn.Module):
                     h = attend(h)
                 skips.append(h)
             if level < len(widths) - 1:
-                h = Conv(width, strides=2, dtype=self.dtype)(h)
+                h = Conv(width, strides=2, dtype=self.dtype, out_dtype=act)(h)
                 skips.append(h)
 
         deepest = len(widths) - 1
@@ -222,13 +256,13 @@ class UNet(nn.Module):
                 elif skip.shape[-1] == h.shape[-1]:
                     h = h + skip
                 else:
-                    h = h + Dense(h.shape[-1], dtype=self.dtype)(skip)
+                    h = h + Dense(h.shape[-1], dtype=self.dtype, out_dtype=act)(skip)
                 h = res_block(h, level)
                 if level in self.attn_levels:
                     h = attend(h)
             if level:
-                h = Conv(widths[level], upsample=True, dtype=self.dtype)(h)
+                h = Conv(widths[level], upsample=True, dtype=self.dtype, out_dtype=act)(h)
 
-        features = nn.silu(group_norm(self.base, self.norm_groups)(h))
+        features = GroupNorm(self.norm_groups)(h, silu=True).astype(jnp.float32)
         out = Conv(C, dtype=self.dtype, kernel_init=zeros, name="conv_out")(features)
         return (out, features) if return_features else out
