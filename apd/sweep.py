@@ -348,9 +348,10 @@ def _jsonable(value: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The binary: returns its exit code (1 after a user error, printed on one line)."""
     args = parse_args(argv)
-    sys.exit(cli.call(lambda _: sweep_main(args), [], "apd.sweep", args.verbose))
+    return cli.call(lambda _: sweep_main(args), [], "apd.sweep", args.verbose)
 
 
 def sweep_main(args: argparse.Namespace) -> int:
@@ -398,4 +399,4 @@ def sweep_main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,9 @@
-"""Shared test fixtures' building blocks: a tiny fake Fashion-MNIST written as IDX files."""
+"""Shared test fixtures' building blocks: a tiny fake Fashion-MNIST written as IDX files, and a
+binary's `main` run in-process the way `apd.cli` runs it."""
 
+import contextlib
 import gzip
+import io
 import os
 import struct
 
@@ -24,3 +27,14 @@ def write_fake_fashion_mnist(directory: str, num_train: int = 256, num_test: int
         write_idx(os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz"), images)
         write_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz"), labels)
     return directory
+
+
+def call_main(call) -> None:
+    """Runs `call()` (a binary's `main` wrapped by `apd.cli.call`, returning its exit code) with
+    stderr captured; a non-zero exit raises SystemExit with what the binary printed on stderr (its
+    one-line error), as the binary itself would end."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = call()
+    if code:
+        raise SystemExit(err.getvalue().strip() or code)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from apd import evaluate
+from apd import cli, evaluate
 from apd.data import fashion_mnist as fmnist_data
 from apd.evaluation import features, integrity, masks, protocol
 from apd.training import loop
@@ -57,7 +57,8 @@ def feature_dir(tmp_path_factory, data_path):
 def evaluate_main(workdir, feature_dir, *args, config="experiments/fashion_mnist.py:smoke"):
     argv = ["apd.evaluate", f"--workdir={workdir}", f"--feature_dir={feature_dir}"]
     argv += [f"--config={os.path.join(REPO, config)}", *args]
-    evaluate.main(evaluate.parse_flags(argv))
+    flags = evaluate.parse_flags(argv)
+    helpers.call_main(lambda: cli.call(evaluate.main, flags, "apd.evaluate", verbose=False))
 
 
 # ---------------------------------------------------------------------------------------------

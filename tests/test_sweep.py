@@ -55,7 +55,7 @@ def write_config(tmp_path, hyper_expr: str, data_path: str = "/nonexistent") -> 
 
 
 def main(*argv):
-    sweep_cli.main(list(argv))
+    helpers.call_main(lambda: sweep_cli.main(list(argv)))
 
 
 # ---------------------------------------------------------------------------------------------
