@@ -38,7 +38,6 @@ from typing import Any
 
 import jax
 from absl import app, flags, logging
-from clu import metric_writers
 
 from apd import __version__, cli, runs
 from apd.data import fashion_mnist
@@ -286,6 +285,8 @@ class Evaluation:
         return results
 
     def _write_scalars(self, step: int, summary: dict[str, dict]) -> None:
+        from clu import metric_writers  # imports TensorFlow: only where scalars are written
+
         writer = metric_writers.create_default_writer(self.out, asynchronous=False)
         writer.write_scalars(step, {name: entry["mean"] for name, entry in summary.items()})
         writer.flush()
