@@ -18,8 +18,8 @@ from apd.training import mesh as mesh_lib
 # unet-620m's layout (channel multipliers 1:2:3:4, attention at the three lower resolutions,
 # concatenating skips, the real config's dropout) at 1/8 of its width and one residual block per
 # resolution (the real model has four): the 605M-parameter step does not compile and run in
-# minutes on 2 cores, and compilation time grows with the number of blocks. Kernels of 3x3x96x96 and wider are large enough for the FSDP rules
-# to shard.
+# minutes on 2 cores, and compilation time grows with the number of blocks. Kernels of 3x3x96x96
+# and wider are large enough for the FSDP rules to shard.
 REDUCED_620M = {"base": 32, "head_dim": 32, "res_blocks": (1, 1, 1, 1), "middle_blocks": 1}
 
 
