@@ -205,8 +205,11 @@ class Sampler:
 
     # -- compiled functions -----------------------------------------------------------------------
 
-    def _sample_fn(self, eta: float, cfg_scale: float, input_guidance: float) -> Callable:
-        setting = (float(eta), float(cfg_scale), float(input_guidance))
+    def _sample_fn(
+        self, eta: float, cfg_scale: float, input_guidance: float, context_level: str | float
+    ) -> Callable:
+        level = context_level if isinstance(context_level, str) else float(context_level)
+        setting = (float(eta), float(cfg_scale), float(input_guidance), level)
         if setting not in self._sample_fns:
             self._sample_fns[setting] = images_lib.make_sample_fn(
                 self.run.model.apply,
@@ -217,6 +220,7 @@ class Sampler:
                 num_classes=self.run.num_classes,
                 cfg_scale=setting[1],
                 input_guidance=setting[2],
+                context_level=setting[3],
             )
         return self._sample_fns[setting]
 
@@ -267,12 +271,13 @@ class Sampler:
         eta: float,
         cfg_scale: float,
         input_guidance: float,
+        context_level: str | float = "match",
     ) -> Samples:
         """`make_plan(key, x_known, noise, labels, *inputs)` per chunk (device arrays but the
         inputs, which stay on the host) -> (plan, per-sample extras); then DDIM along it."""
         if images is not None:
             images = self._check_images(images)
-        fn = self._sample_fn(eta, cfg_scale, input_guidance)
+        fn = self._sample_fn(eta, cfg_scale, input_guidance, context_level)
         outputs, extras, costs = [], [], []
         for key, n, (x, lab, *rest) in self._chunks(num, seed, (images, labels, *inputs)):
             k_noise, k_sample, k_plan = jax.random.split(key, 3)
@@ -354,12 +359,15 @@ class Sampler:
         eta: float = 0.25,
         cfg_scale: float = 0.0,
         input_guidance: float = 0.0,
+        context_level: str | float = "match",
     ) -> Samples:
         """The pixels with known == 0 generated in `steps` steps, the others kept exactly.
 
         Args:
           images: float32 [N, H, W, C] in [-1, 1].
           known: [N, H, W], 1 = known (`apd.evaluation.masks`), 0 = to generate.
+          context_level: input guidance's noisier context: 'match' (each image's mean level of
+            the generated pixels) or a level in [0, 1] (`apd.sampling.sample`).
         """
         known = self._check_known(known)
         return self._sample(
@@ -372,6 +380,7 @@ class Sampler:
             eta=eta,
             cfg_scale=cfg_scale,
             input_guidance=input_guidance,
+            context_level=context_level,
         )
 
     def edit(

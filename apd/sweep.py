@@ -112,7 +112,7 @@ class State:
     def __init__(self, sweep: plan.Sweep, args: argparse.Namespace):
         self.sweep = sweep
         self.args = args
-        self.path = os.path.join(sweep.root, STATE_FILE)
+        self.path = sweep.output(STATE_FILE)
         self.lock = threading.Lock()
         self.states: dict[str, str] = {}
         if os.path.exists(self.path):
@@ -324,14 +324,14 @@ def write_table(sweep: plan.Sweep, metrics: list[str]) -> str | None:
     if not results:
         return None
     data = table.build(sweep.runs, results)
-    written = plots.write_all(data, os.path.join(sweep.root, "plots"), metrics)
+    written = plots.write_all(data, sweep.output("plots"), metrics)
     text = table.markdown(data, [os.path.relpath(p, sweep.root) for p in written])
     data["config"] = sweep.spec
-    integrity.write_json(os.path.join(sweep.root, "table.json"), _jsonable(data))
-    tmp = os.path.join(sweep.root, "table.md.tmp")
+    integrity.write_json(sweep.output("table.json"), _jsonable(data))
+    tmp = sweep.output("table.md") + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-    os.replace(tmp, os.path.join(sweep.root, "table.md"))
+    os.replace(tmp, sweep.output("table.md"))
     return text
 
 
@@ -388,7 +388,7 @@ def sweep_main(args: argparse.Namespace) -> int:
                 raise ValueError(f"no run of the sweep in {sweep.root} is finished yet.")
         else:
             print(text)
-            print(f"table: {os.path.join(sweep.root, 'table.md')}")
+            print(f"table: {sweep.output('table.md')}")
     if failed:
         print(
             f"apd.sweep: {len(failed)} run(s) failed: {', '.join(failed)} (see their logs).",

@@ -4,9 +4,11 @@ Every run is the embedded default (`experiments/fashion_mnist.py`: the same mode
 and optimizer) with only the training level sampler and the training seed changed, and every run
 is evaluated the same way (two evaluation seeds, DDIM 25 steps, all six mask families), so the
 table compares samplers and nothing else. RePaint on the synchronous model is the inpainting
-baseline. Besides the five samplers with their defaults (patchwise draws its patch grid K per
-image), the sweep keeps patchwise with the fixed K = 4 that apd used before: with seed 0 every
-point of the earlier single-seed ablation is one of these runs.
+baseline. `experiments/sampling_settings.py` evaluates some of these runs again with other
+sampling settings (input guidance, context level, CFG, steps, RePaint at equal network calls)
+without retraining. Besides the five samplers with their defaults (patchwise draws its patch
+grid K per image), the sweep keeps patchwise with the fixed K = 4 that apd used before: with
+seed 0 every point of the earlier single-seed ablation is one of these runs.
 
     # the whole sweep (resumable): 18 runs, then ROOT/table.md, table.json and plots/
     python -m apd.sweep --config=experiments/ablation_samplers.py --root=runs/ablation
@@ -42,7 +44,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
         num_images=160,
         steps=25,
         seeds=(0, 1),
-        repaint=arg.sampler == BASELINE,
+        inpainting_methods=("apd", "repaint") if arg.sampler == BASELINE else ("apd",),
     )
     config.evaluate.evaluators = ("generation", "inpainting")
     config.evaluate.inpainting.repaint_steps = 25

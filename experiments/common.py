@@ -152,13 +152,14 @@ def evaluation(
     steps: int = 50,
     seeds: tuple[int, ...] = (0,),
     families: tuple[str, ...] = ("extrema", "square", "thin", "wide", "half", "perlin"),
-    input_guidance: tuple[float, ...] = (0.0,),
-    repaint: bool = False,
+    inpainting_methods: tuple[str, ...] = ("apd",),
 ) -> mc.ConfigDict:
     """The evaluators `python -m apd.evaluate` runs on a checkpoint (method.md section 8).
 
     Every evaluator runs once per seed in `seeds` (noise, labels and masks from the seed; the
     inputs are the first images of the split), so each metric has a mean and a spread.
+    Generation and inpainting run each of their `methods` (`apd.evaluation.protocol.
+    parse_method`: e.g. 'apd', 'apd:ig=1.5', 'apd:steps=75', 'repaint', 'repaint:jump=1').
     """
     return mc.ConfigDict(
         {
@@ -172,14 +173,23 @@ def evaluation(
             # InceptionV3 (--inception_weights) otherwise.
             "features": "auto",
             "num_reference": 10000,  # reference images (Inception datasets; FMNIST: whole split)
-            "generation": {"num_samples": num_samples, "labels": "random", "cfg_scale": 0.0},
+            # KID (beside FID): the mean over subsets of this many samples of each set.
+            "kid_subsets": 100,
+            "kid_subset_size": 1000,
+            "generation": {
+                "num_samples": num_samples,
+                "labels": "random",
+                "cfg_scale": 0.0,  # the default of the 'ddim' method's cfg
+                "methods": ("ddim",),  # e.g. 'ddim:cfg=1.5', 'ddim:steps=75'
+            },
             "inpainting": {
                 "families": families,
                 "num_images": num_images,
                 "labels": "data",
-                "input_guidance": input_guidance,  # one apd result per scale (0 = off)
-                "repaint": repaint,  # the RePaint baseline on the same model and masks
-                "repaint_steps": steps,
+                # 'apd[:steps=N,ig=G,context=L]' (the model's own plan), 'repaint[:steps=N,
+                # jump=J,resample=R]' (the RePaint baseline on the same model and masks).
+                "methods": inpainting_methods,
+                "repaint_steps": steps,  # the defaults of the 'repaint' method
                 "repaint_jump": 10,
                 "repaint_resample": 10,
             },

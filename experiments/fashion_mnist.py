@@ -39,10 +39,10 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
     config.progress_every_secs = 30.0
     # The main job's evaluation (about 10 minutes on 2 CPU cores): FID_FMNIST of 1,000 samples,
     # every mask family on 100 test images with and without input guidance, bits/dim on 200 test
-    # images along the three paths. The RePaint baseline (`evaluate.inpainting.repaint=True`) is
-    # in the sampler ablation (experiments/ablation_samplers.py).
+    # images along the three paths. The RePaint baseline (method 'repaint' in
+    # `evaluate.inpainting.methods`) is in the sampler ablation (experiments/ablation_samplers.py).
     config.evaluate = common.evaluation(
-        num_samples=1000, num_images=100, steps=25, input_guidance=(0.0, 1.5)
+        num_samples=1000, num_images=100, steps=25, inpainting_methods=("apd", "apd:ig=1.5")
     )
     config.evaluate.inpainting.repaint_steps = 25
     config.evaluate.inpainting.repaint_jump = 5

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from apd import cli, evaluate
+from apd import cli, evaluate, sampling
 from apd.data import fashion_mnist as fmnist_data
 from apd.evaluation import features, integrity, masks, protocol
 from apd.training import loop
@@ -68,7 +68,7 @@ def evaluate_main(workdir, feature_dir, *args, config="experiments/fashion_mnist
 
 def test_units_follow_the_config():
     ev = common.evaluation(
-        seeds=(0, 3), families=("wide", "half"), input_guidance=(0.0, 1.5), repaint=True
+        seeds=(0, 3), families=("wide", "half"), inpainting_methods=("apd", "apd:ig=1.5", "repaint")
     )
     names = [u.name for u in protocol.units(ev)]
     assert names[:8] == [
@@ -99,7 +99,16 @@ def test_units_follow_the_config():
         ("batch", 0, "evaluate.batch"),
         ("eta", 2.0, "eta"),
         ("inpainting.families", ("circle",), "families"),
-        ("inpainting.input_guidance", (-1.0,), "input_guidance"),
+        ("inpainting.methods", ("apd:ig=-1",), "ig must be a number >= 0"),
+        ("inpainting.methods", ("apd:guidance=1",), "not KEY=VALUE with KEY one of"),
+        ("inpainting.methods", ("apd:context=0.5",), "needs ig > 0"),
+        ("inpainting.methods", ("apd:ig=1,context=2",), r"context must be a number in \[0, 1\]"),
+        ("inpainting.methods", ("ddim",), "kind"),
+        ("inpainting.methods", ("repaint:jump=0",), "jump must be an int >= 1"),
+        ("inpainting.methods", ("apd", "apd:steps=50"), "same setting twice"),
+        ("inpainting.methods", (), "is empty"),
+        ("generation.methods", ("ddim:cfg=x",), "cfg must be a number"),
+        ("kid_subset_size", 1, "kid_subset_size"),
         ("likelihood.paths", ("zigzag",), "paths"),
         ("likelihood.t_start", 0.0, "t_start"),
         ("generation.labels", "all", "labels"),
@@ -140,8 +149,7 @@ def test_missing_inception_weights_say_what_to_supply():
 def test_evaluate_end_to_end_and_resume(workdir, feature_dir, capsys):
     args = (
         "--config.evaluate.seeds=(0,1)",
-        "--config.evaluate.inpainting.input_guidance=(0.0,1.5)",
-        "--config.evaluate.inpainting.repaint=True",
+        "--config.evaluate.inpainting.methods=('apd','apd:ig=1.5','repaint')",
     )
     evaluate_main(workdir, feature_dir, *args)
     assert "evaluated steps [2]" in capsys.readouterr().out
@@ -162,6 +170,16 @@ def test_evaluate_end_to_end_and_resume(workdir, feature_dir, capsys):
             assert entry["max"] == 0.0  # known pixels exactly the input's
             assert np.isfinite(summary[f"inpainting/{family}/{method}/psnr"]["mean"])
             assert 0 < summary[f"inpainting/{family}/{method}/ssim"]["mean"] < 1
+    # KID beside FID; each unit's cost per image (guidance doubles the evaluations).
+    assert np.isfinite(summary["generation/kid"]["mean"])
+    assert np.isfinite(summary["inpainting/wide/apd/kid"]["mean"])
+    calls = {
+        m: summary[f"inpainting/wide/{m}/calls_per_image"]["mean"] for m in ("apd", "apd_ig1.5")
+    }
+    evaluations = summary["inpainting/wide/apd_ig1.5/evaluations_per_image"]["mean"]
+    assert calls == {"apd": 4, "apd_ig1.5": 4} and evaluations == 8
+    repaint_calls = summary["inpainting/wide/repaint/calls_per_image"]["mean"]
+    assert repaint_calls == sampling.repaint_cost(1, 4, 2, 2).network_calls
     for path in ("synchronous", "random_ray", "raster"):
         assert summary[f"likelihood/{path}/bits_per_dim"]["mean"] > 0
     # The masks used are saved with the results and are the seeded family's masks.
@@ -329,7 +347,7 @@ def test_ablation_runs_differ_only_in_the_sampler(sampler):
     for key in ("model", "optimizer", "data", "diffusion", "seed", "total_steps"):
         assert config[key] == reference[key], key
     assert tuple(config.evaluate.seeds) == (0, 1)
-    assert config.evaluate.inpainting.repaint == (sampler == "synchronous")
+    assert ("repaint" in config.evaluate.inpainting.methods) == (sampler == "synchronous")
     protocol.check_config(config.evaluate)
     with pytest.raises(ValueError, match="the sweep's samplers"):
         ablation_samplers.get_config("sampler=random")

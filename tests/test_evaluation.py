@@ -23,6 +23,7 @@ from apd.evaluation import (
     image_metrics,
     inception,
     integrity,
+    kid,
     lpips,
     masks,
     reference,
@@ -455,6 +456,84 @@ def test_reference_statistics_cached_by_network_hash(trained_feature_dir, monkey
     assert os.path.isfile(stats_path) and os.path.isfile(record_path)
     other = "0" * 64  # another network: a different entry
     assert reference.load(cache_dir, "fashion_mnist", "test", other) is None
+    # The split's first features are kept for KID, exactly the network's.
+    np.testing.assert_allclose(cached.features, direct[:64], rtol=1e-5, atol=1e-5)
+
+
+def test_reference_entry_without_kid_features_is_recomputed(tmp_path):
+    network = "e" * 64
+    old = reference.Stats(np.zeros(3), np.eye(3), 10)  # as written before features were kept
+    reference.save(str(tmp_path), "toy", "test", network, old)
+    assert reference.load(str(tmp_path), "toy", "test", network).features is None
+    fresh = reference.Stats(np.ones(3), np.eye(3), 4, np.ones((4, 3), np.float32))
+    got = reference.load_or_compute(str(tmp_path), "toy", "test", network, lambda: fresh)
+    np.testing.assert_array_equal(got.features, fresh.features)
+    again = reference.load(str(tmp_path), "toy", "test", network)  # replaced on disk
+    np.testing.assert_array_equal(again.features, fresh.features)
+
+
+def test_accumulate_keeps_the_first_features():
+    batches = [np.full((3, 2), i, np.float32) for i in range(4)]
+    stats = reference.accumulate(lambda b: b, batches, 2, keep=5)
+    assert stats.count == 12 and stats.features.shape == (5, 2)
+    np.testing.assert_array_equal(stats.features[:, 0], [0, 0, 0, 1, 1])
+    assert reference.accumulate(lambda b: b, batches, 2, keep=0).features.shape == (0, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# KID
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mmd2_unbiased_matches_the_definition():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(6, 4)), rng.normal(1.0, 1.0, size=(6, 4))
+
+    def k(a, b):
+        return (a @ b / 4 + 1) ** 3
+
+    m = 6
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    assert kid.mmd2_unbiased(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-12)
+
+
+def test_kid_is_unbiased_where_fid_is_not():
+    """Two samples of one distribution: FID's estimate is far above 0 at small N and shrinks
+    with N; KID's averages to 0 at every N (within 4 standard errors over repeats)."""
+    rng = np.random.default_rng(1)
+    dim, reference_features = 32, rng.normal(size=(2000, 32))
+    ref_mean, ref_cov = frechet.stats_from_features(reference_features)
+    for n in (50, 400):
+        kids, fids = [], []
+        for _ in range(40):
+            sample = rng.normal(size=(n, dim))
+            kids.append(kid.kid(sample, reference_features, num_subsets=5, seed=1).mean)
+            fids.append(
+                frechet.fid_from_stats(*frechet.stats_from_features(sample), ref_mean, ref_cov)
+            )
+        kids = np.asarray(kids)
+        assert abs(kids.mean()) < 4 * kids.std(ddof=1) / np.sqrt(len(kids)), n
+        if n == 50:
+            fid_small = np.mean(fids)
+    assert fid_small > 5 * np.mean(fids)  # FID at N = 50 is mostly bias
+    # A real difference is seen: a shifted distribution gives a KID many spreads above 0.
+    shifted = kid.kid(rng.normal(0.5, 1.0, size=(400, dim)), reference_features)
+    assert shifted.mean > 10 * shifted.std / np.sqrt(shifted.num_subsets)
+    assert shifted.subset_size == 400 and shifted.num_subsets == kid.NUM_SUBSETS
+
+
+def test_kid_refuses_bad_input():
+    ok = np.zeros((4, 3))
+    with pytest.raises(ValueError, match="different dimensions"):
+        kid.kid(ok, np.zeros((4, 2)))
+    with pytest.raises(ValueError, match=r"N >= 2"):
+        kid.kid(np.zeros((1, 3)), ok)
+    with pytest.raises(ValueError, match="NaN"):
+        kid.kid(np.full((4, 3), np.nan), ok)
+    with pytest.raises(ValueError, match="subset_size must be an int >= 2"):
+        kid.kid(ok, ok, subset_size=1)
 
 
 def test_reference_cache_refuses_tampered_statistics(tmp_path):

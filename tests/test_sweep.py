@@ -245,7 +245,7 @@ def test_commands_pass_overrides_and_arguments(tmp_path):
 
 def fake_finished(run: plan.Run, value=lambda unit, metric: 1.0, trained_only=False):
     """A committed final checkpoint and (unless trained_only) a complete results.json."""
-    os.makedirs(os.path.join(run.workdir, "checkpoints", str(run.total_steps)))
+    os.makedirs(os.path.join(run.workdir, "checkpoints", str(run.total_steps)), exist_ok=True)
     if trained_only:
         return
     units = protocol.units(run.config.evaluate)
@@ -261,7 +261,7 @@ def fake_finished(run: plan.Run, value=lambda unit, metric: 1.0, trained_only=Fa
                 "metrics": {m: value(unit, m) for m in names},
             }
         )
-    step_dir = os.path.join(run.workdir, "eval", f"step_{run.total_steps:08d}")
+    step_dir = os.path.join(run.eval_dir, f"step_{run.total_steps:08d}")
     os.makedirs(step_dir)
     integrity.write_json(
         os.path.join(step_dir, "results.json"),
@@ -331,6 +331,72 @@ def test_other_config_in_the_same_root_fails(tmp_path):
     other.write_text((tmp_path / "sweep_config.py").read_text())
     with pytest.raises(SystemExit, match="holds a sweep of"):
         main(f"--config={other}", f"--root={root}", "--stage=status")
+
+
+def test_named_evaluation_evaluates_the_training_sweeps_runs(tmp_path, capsys):
+    """A config with EVALUATION = "NAME" shares --root with the sweep that trains the runs: it
+    retrains nothing, evaluates into RUN/eval_NAME and keeps its own state and table files."""
+    config = write_config(tmp_path, 'h.sweep("seed", [0, 1])')
+    named = tmp_path / "named.py"
+    named.write_text(
+        (tmp_path / "sweep_config.py")
+        .read_text()
+        .replace(
+            "    return config\n",
+            '    config.evaluate.generation.methods = ("ddim", "ddim:cfg=2")\n    return config\n',
+        )
+        + '\nEVALUATION = "cfg"\n'
+    )
+    root = tmp_path / "root"
+    training = plan.load(config, str(root))
+    fake_finished(training.runs[0])
+    fake_finished(training.runs[1], trained_only=True)
+    main(f"--config={config}", f"--root={root}", "--stage=status")
+    capsys.readouterr()
+    main(f"--config={named}", f"--root={root}", "--backend=print")
+    out = capsys.readouterr().out
+    assert "-m apd.train" not in out  # both runs are trained
+    for seed in (0, 1):
+        assert f"--workdir={root / f'seed={seed}'} --checkpoint=2 --out=" in out
+        assert f"--out={root / f'seed={seed}' / 'eval_cfg'}" in out
+    assert json.loads((root / "sweep.cfg.json").read_text())["config_file"] == str(named)
+    assert json.loads((root / "sweep.json").read_text())["config_file"] == config
+    # The named evaluation's results: its own table, the training sweep's untouched.
+    sweep = plan.load(str(named), str(root))
+    assert [r.eval_dir for r in sweep.runs] == [
+        str(root / "seed=0" / "eval_cfg"),
+        str(root / "seed=1" / "eval_cfg"),
+    ]
+    for run in sweep.runs:
+        fake_finished(run, value=lambda unit, metric: 3.0 if unit.method.name else 1.0)
+    main(f"--config={named}", f"--root={root}", "--stage=table")
+    text = (root / "table.cfg.md").read_text()
+    assert "ddim_cfg2 on all (n=2) | 3.00 ± 0.00" in text
+    assert not (root / "table.md").exists() and (root / "plots.cfg").is_dir()
+    assert training.runs[0].state() == plan.FINISHED and training.runs[1].state() == plan.TRAINED
+    bad = tmp_path / "bad.py"
+    bad.write_text(named.read_text() + '\nEVALUATION = "a/b"\n')
+    with pytest.raises(ValueError, match="EVALUATION names an evaluation"):
+        plan.load(str(bad), str(root))
+
+
+def test_sampling_settings_evaluate_the_ablations_runs(tmp_path):
+    sweep = plan.load(os.path.join(REPO, "experiments", "sampling_settings.py"), str(tmp_path))
+    ablation = plan.load(os.path.join(REPO, "experiments", "ablation_samplers.py"), str(tmp_path))
+    trained = {r.name: r for r in ablation.runs}
+    assert len(sweep.runs) == 6 and sweep.evaluation == "sampling"
+    for run in sweep.runs:
+        other = trained[run.name]  # the same run directory as the ablation's point
+        assert run.workdir == other.workdir
+        for key in run.config:
+            if key != "evaluate":
+                assert run.config[key] == other.config[key], (run.name, key)
+        names = [u.method.name for u in protocol.units(run.config.evaluate) if u.family == "wide"]
+        assert names[:2] == ["apd", "apd_s75"]
+        if run.point[":sampler"] == "synchronous":
+            assert names[2:] == ["repaint", "repaint_s25_j1_r3", "repaint_s25_j10_r10"]
+        else:
+            assert "apd_ig4" in names and "apd_ig1.5_ctx0.5" in names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,7 +507,8 @@ def test_table_over_training_seeds(tmp_path):
 
 def _old_ablation_value(sampler_index):
     def value(unit, metric):
-        base = 10.0 + sampler_index + (5.0 if unit.method == "repaint" else 0.0)
+        repaint = unit.method is not None and unit.method.kind == "repaint"
+        base = 10.0 + sampler_index + (5.0 if repaint else 0.0)
         return (20.0 if metric == "psnr" else base) + 0.5 * unit.seed
 
     return value

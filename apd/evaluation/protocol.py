@@ -6,20 +6,34 @@ that produced them). The binary stores each record as soon as it is done, so an 
 evaluation resumes at the first missing unit.
 
 Units:
-  generation.seedS                    N samples along the synchronous plan; FID against the
-                                      reference statistics of the split.
+  generation[.METHOD].seedS           N samples along the synchronous plan; FID and KID against
+                                      the reference features of the split. METHOD names a
+                                      setting of `generation.methods` other than the default.
   inpainting.FAMILY.METHOD.seedS      the first N images of the split with masks of FAMILY
-                                      drawn from seed S; METHOD is `apd` (the model's own
-                                      inpainting plan), `apd_ig<g>` (with input guidance g) or
-                                      `repaint` (the RePaint baseline on the same model, masks,
-                                      labels and noise seed). FID of the completed images, PSNR
-                                      and SSIM against the originals, LPIPS when its weights are
-                                      given, and the largest error on known pixels (0: exact).
+                                      drawn from seed S; METHOD is one of `inpainting.methods`:
+                                      `apd` (the model's own inpainting plan) with its settings,
+                                      e.g. `apd_ig1.5_s75`, or `repaint` (the RePaint baseline on
+                                      the same model, masks, labels and noise seed). FID and KID
+                                      of the completed images, PSNR and SSIM against the
+                                      originals, LPIPS when its weights are given, and the
+                                      largest error on known pixels (0: exact).
   likelihood.PATH.seedS               bits/dim of the first N images of the split along the
                                       synchronous, random-ray or raster path (`apd.elbo`), with
                                       the null label (an unconditional likelihood), from the
                                       clean end `likelihood.t_start` (where the 256-bin
                                       decoder takes over) to the noisy end.
+
+Methods are declared as strings, `KIND[:KEY=VALUE,...]` (see `parse_method`):
+  generation.methods   'ddim' with keys steps (default evaluate.steps), cfg (default
+                       generation.cfg_scale).
+  inpainting.methods   'apd' with keys steps (default evaluate.steps), ig (input guidance scale,
+                       default 0), context (input guidance's context level in [0, 1], default
+                       'match'); 'repaint' with keys steps, jump, resample (defaults
+                       inpainting.repaint_steps, repaint_jump, repaint_resample).
+A method's name spells its settings that differ from the defaults ('apd_ig1.5_ctx0.5_s75',
+'repaint_s25_j1_r3'); every unit records its network calls and network evaluations per image
+(`calls_per_image`, `evaluations_per_image`: guidance branches count), so methods are compared
+at equal cost.
 
 Sampling and the ELBO run through `apd.run_sampler.Sampler` (chunks of `evaluate.batch`, rounded
 up to a multiple of the local device count, split over the local devices; the parameters
@@ -41,12 +55,19 @@ from absl import logging
 
 from apd import checks, elbo, paths, run_sampler, runs
 from apd import data as data_lib
-from apd.evaluation import frechet, image_metrics, integrity, masks, reference
+from apd.evaluation import frechet, image_metrics, integrity, kid, masks, reference
 from apd.sampling import images
 
 Array = jax.Array
 
 EVALUATORS = ("generation", "inpainting", "likelihood")
+METHOD_KEYS = {
+    "ddim": ("steps", "cfg"),  # generation
+    "apd": ("steps", "ig", "context"),  # inpainting
+    "repaint": ("steps", "jump", "resample"),  # inpainting
+}
+GENERATION_KINDS = ("ddim",)
+INPAINTING_KINDS = ("apd", "repaint")
 PATHS = ("synchronous", "random_ray", "raster")
 LABEL_MODES = ("random", "data", "null")
 
@@ -57,31 +78,136 @@ LABEL_MODES = ("random", "data", "null")
 
 
 @dataclasses.dataclass(frozen=True)
+class Method:
+    """How a generation or inpainting unit samples (`parse_method`)."""
+
+    kind: str  # 'ddim' (generation), 'apd' or 'repaint' (inpainting)
+    steps: int
+    cfg_scale: float = 0.0  # ddim
+    input_guidance: float = 0.0  # apd
+    context_level: str | float = "match"  # apd, with input guidance
+    jump: int = 0  # repaint
+    resample: int = 0  # repaint
+    name: str | None = None  # None: generation's default method (unit 'generation.seedS')
+
+
+def _method_int(spec: str, key: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"method {spec!r}: {key} must be an int >= 1; got {value!r}.")
+    return number
+
+
+def _method_float(spec: str, key: str, value: str, hi: float | None = None) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not (number >= 0 and (hi is None or number <= hi)):
+        bound = f"in [0, {hi:g}]" if hi is not None else ">= 0"
+        raise ValueError(f"method {spec!r}: {key} must be a number {bound}; got {value!r}.")
+    return number
+
+
+def parse_method(spec: str, evaluate: mc.ConfigDict, kinds: tuple[str, ...]) -> Method:
+    """A method string `KIND[:KEY=VALUE,...]` -> `Method`, with the config's defaults.
+
+    Raises ValueError naming the bad part (unknown kind or key, a bad value)."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"a method is a string KIND[:KEY=VALUE,...]; got {spec!r}.")
+    kind, _, rest = spec.partition(":")
+    checks.check_choice(f"method {spec!r}: kind", kind, kinds)
+    values: dict[str, str] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in METHOD_KEYS[kind]:
+            raise ValueError(
+                f"method {spec!r}: {item!r} is not KEY=VALUE with KEY one of {METHOD_KEYS[kind]}."
+            )
+        values[key] = value
+    steps = _method_int(spec, "steps", values["steps"]) if "steps" in values else evaluate.steps
+    if kind == "ddim":
+        default_cfg = float(evaluate.generation.cfg_scale)
+        cfg = _method_float(spec, "cfg", values["cfg"]) if "cfg" in values else default_cfg
+        parts = ["ddim"]
+        parts += [f"cfg{cfg:g}"] if cfg != default_cfg else []
+        parts += [f"s{steps}"] if steps != evaluate.steps else []
+        name = None if len(parts) == 1 else "_".join(parts)
+        return Method("ddim", steps, cfg_scale=cfg, name=name)
+    if kind == "apd":
+        ig = _method_float(spec, "ig", values["ig"]) if "ig" in values else 0.0
+        context: str | float = "match"
+        if "context" in values:
+            if ig == 0:
+                raise ValueError(
+                    f"method {spec!r}: context sets input guidance's context level; it needs "
+                    "ig > 0."
+                )
+            context = _method_float(spec, "context", values["context"], hi=1.0)
+        parts = ["apd"]
+        parts += [f"ig{ig:g}"] if ig else []
+        parts += [f"ctx{context:g}"] if context != "match" else []
+        parts += [f"s{steps}"] if steps != evaluate.steps else []
+        return Method("apd", steps, input_guidance=ig, context_level=context, name="_".join(parts))
+    cfg = evaluate.inpainting
+    steps = _method_int(spec, "steps", values["steps"]) if "steps" in values else cfg.repaint_steps
+    jump = _method_int(spec, "jump", values["jump"]) if "jump" in values else cfg.repaint_jump
+    resample = (
+        _method_int(spec, "resample", values["resample"])
+        if "resample" in values
+        else cfg.repaint_resample
+    )
+    default = (steps, jump, resample) == (
+        cfg.repaint_steps,
+        cfg.repaint_jump,
+        cfg.repaint_resample,
+    )
+    name = "repaint" if default else f"repaint_s{steps}_j{jump}_r{resample}"
+    return Method("repaint", steps, jump=jump, resample=resample, name=name)
+
+
+def methods(evaluate: mc.ConfigDict, evaluator: str) -> list[Method]:
+    """The parsed methods of an evaluator ('generation' or 'inpainting'); names are unique."""
+    kinds = GENERATION_KINDS if evaluator == "generation" else INPAINTING_KINDS
+    specs = tuple(evaluate[evaluator].methods)
+    if not specs:
+        raise ValueError(f"evaluate.{evaluator}.methods is empty; name at least one method.")
+    out = [parse_method(spec, evaluate, kinds) for spec in specs]
+    names = [m.name for m in out]
+    repeated = sorted({str(n) for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(
+            f"evaluate.{evaluator}.methods {specs!r} give the same setting twice: {repeated}."
+        )
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
 class Unit:
     """One evaluation of one setting with one seed."""
 
     evaluator: str  # 'generation' | 'inpainting' | 'likelihood'
     seed: int
     family: str | None = None  # inpainting
-    method: str | None = None  # inpainting: 'apd', 'apd_ig<g>' or 'repaint'
-    input_guidance: float = 0.0  # inpainting with method apd_ig<g>
+    method: Method | None = None  # generation and inpainting
     path: str | None = None  # likelihood
+
+    @property
+    def _parts(self) -> list[str | None]:
+        return [self.evaluator, self.family, self.method and self.method.name, self.path]
 
     @property
     def name(self) -> str:
         """The unit's id (its result file is NAME.json)."""
-        parts = [self.evaluator, self.family, self.method, self.path, f"seed{self.seed}"]
-        return ".".join(p for p in parts if p is not None)
+        return ".".join(p for p in [*self._parts, f"seed{self.seed}"] if p is not None)
 
     @property
     def metric_prefix(self) -> str:
         """The metrics' name prefix, without the seed: e.g. 'inpainting/wide/apd'."""
-        parts = [self.evaluator, self.family, self.method, self.path]
-        return "/".join(p for p in parts if p is not None)
-
-
-def method_name(input_guidance: float) -> str:
-    return "apd" if input_guidance == 0 else f"apd_ig{input_guidance:g}"
+        return "/".join(p for p in self._parts if p is not None)
 
 
 def check_config(evaluate: mc.ConfigDict) -> None:
@@ -99,6 +225,8 @@ def check_config(evaluate: mc.ConfigDict) -> None:
         "evaluate.num_reference": evaluate.num_reference,
         "evaluate.generation.num_samples": evaluate.generation.num_samples,
         "evaluate.inpainting.num_images": evaluate.inpainting.num_images,
+        "evaluate.kid_subsets": evaluate.kid_subsets,
+        "evaluate.kid_subset_size": evaluate.kid_subset_size,
         "evaluate.inpainting.repaint_steps": evaluate.inpainting.repaint_steps,
         "evaluate.inpainting.repaint_jump": evaluate.inpainting.repaint_jump,
         "evaluate.inpainting.repaint_resample": evaluate.inpainting.repaint_resample,
@@ -118,11 +246,11 @@ def check_config(evaluate: mc.ConfigDict) -> None:
     checks.check_choice("evaluate.inpainting.labels", evaluate.inpainting.labels, LABEL_MODES)
     for family in evaluate.inpainting.families:
         checks.check_choice("evaluate.inpainting.families", family, masks.FAMILIES)
-    for scale in evaluate.inpainting.input_guidance:
-        if not isinstance(scale, (int, float)) or scale < 0:
-            raise ValueError(
-                f"evaluate.inpainting.input_guidance holds scales >= 0; got {scale!r}."
-            )
+    if evaluate.kid_subset_size < 2:
+        raise ValueError(f"evaluate.kid_subset_size must be >= 2; got {evaluate.kid_subset_size}.")
+    for evaluator in ("generation", "inpainting"):
+        if evaluator in evaluate.evaluators:
+            methods(evaluate, evaluator)
     for path in evaluate.likelihood.paths:
         checks.check_choice("evaluate.likelihood.paths", path, PATHS)
     t_start = evaluate.likelihood.t_start
@@ -135,21 +263,12 @@ def units(evaluate: mc.ConfigDict) -> list[Unit]:
     out: list[Unit] = []
     for seed in evaluate.seeds:
         if "generation" in evaluate.evaluators:
-            out.append(Unit("generation", seed))
+            for method in methods(evaluate, "generation"):
+                out.append(Unit("generation", seed, method=method))
         if "inpainting" in evaluate.evaluators:
             for family in evaluate.inpainting.families:
-                for scale in evaluate.inpainting.input_guidance:
-                    out.append(
-                        Unit(
-                            "inpainting",
-                            seed,
-                            family=family,
-                            method=method_name(scale),
-                            input_guidance=float(scale),
-                        )
-                    )
-                if evaluate.inpainting.repaint:
-                    out.append(Unit("inpainting", seed, family=family, method="repaint"))
+                for method in methods(evaluate, "inpainting"):
+                    out.append(Unit("inpainting", seed, family=family, method=method))
         if "likelihood" in evaluate.evaluators:
             for path in evaluate.likelihood.paths:
                 out.append(Unit("likelihood", seed, path=path))
@@ -161,33 +280,40 @@ def unit_settings(unit: Unit, evaluate: mc.ConfigDict) -> dict[str, Any]:
     recomputed rather than reused."""
     # The batch matters: each chunk of `batch` images draws its noise from fold_in(seed, chunk).
     common = {"split": evaluate.split, "seed": unit.seed, "batch": evaluate.batch}
+    method = unit.method
+    if unit.evaluator in ("generation", "inpainting"):
+        common |= {
+            "scores": ["fid", "kid"],
+            "kid": [evaluate.kid_subsets, evaluate.kid_subset_size],
+        }
     if unit.evaluator == "generation":
         return common | {
             "num_samples": evaluate.generation.num_samples,
             "labels": evaluate.generation.labels,
-            "cfg_scale": float(evaluate.generation.cfg_scale),
-            "steps": evaluate.steps,
+            "cfg_scale": method.cfg_scale,
+            "steps": method.steps,
             "eta": float(evaluate.eta),
         }
     if unit.evaluator == "inpainting":
         cfg = evaluate.inpainting
         out = common | {
             "family": unit.family,
-            "method": unit.method,
+            "method": method.name,
             "num_images": cfg.num_images,
             "labels": cfg.labels,
         }
-        if unit.method == "repaint":
+        if method.kind == "repaint":
             return out | {
-                "steps": cfg.repaint_steps,
-                "jump": cfg.repaint_jump,
-                "resample": cfg.repaint_resample,
+                "steps": method.steps,
+                "jump": method.jump,
+                "resample": method.resample,
                 "eta": 1.0,
             }
         return out | {
-            "steps": evaluate.steps,
+            "steps": method.steps,
             "eta": float(evaluate.eta),
-            "input_guidance": unit.input_guidance,
+            "input_guidance": method.input_guidance,
+            "context_level": method.context_level,
         }
     cfg = evaluate.likelihood
     out = common | {
@@ -215,12 +341,24 @@ class Features:
     reference: reference.Stats
     reference_record: dict[str, Any]  # dataset, split, count, the statistics' SHA-256
 
-    def fid(self, images_float: np.ndarray, batch: int) -> float:
+    def scores(
+        self, images_float: np.ndarray, batch: int, kid_subsets: int, kid_subset_size: int
+    ) -> dict[str, float]:
+        """FID and KID of images (float [-1, 1] [N, H, W, C]) against the reference features:
+        {'fid', 'kid', 'kid_subset_std'} (KID over subsets of min(kid_subset_size, N, the
+        reference features kept) samples; `apd.evaluation.kid`)."""
         chunks = (images_float[s : s + batch] for s in range(0, images_float.shape[0], batch))
-        stats = reference.accumulate(self.embed, chunks, self.dim)
-        return frechet.fid_from_stats(
+        stats = reference.accumulate(self.embed, chunks, self.dim, keep=images_float.shape[0])
+        fid = frechet.fid_from_stats(
             stats.mean, stats.covariance, self.reference.mean, self.reference.covariance
         )
+        score = kid.kid(
+            stats.features,
+            self.reference.features,
+            num_subsets=kid_subsets,
+            subset_size=kid_subset_size,
+        )
+        return {"fid": fid, "kid": score.mean, "kid_subset_std": score.std}
 
 
 def _reference_record(cache_dir: str, dataset: str, split: str, sha256: str) -> dict[str, Any]:
@@ -370,48 +508,49 @@ class Evaluator:
 
     # -- sampling ------------------------------------------------------------------------------
 
-    def generate(self, num: int, labels: np.ndarray | None, seed: int) -> np.ndarray:
-        """float32 [num, H, W, C]: the synchronous plan (classifier-free guidance if set)."""
+    def generate(
+        self, method: Method, num: int, labels: np.ndarray | None, seed: int
+    ) -> run_sampler.Samples:
+        """[num, H, W, C] samples along the synchronous plan (classifier-free guidance if set)."""
         return self.sampler.generate(
             num,
-            steps=self.cfg.steps,
+            steps=method.steps,
             labels=labels,
             seed=seed,
             eta=float(self.cfg.eta),
-            cfg_scale=float(self.cfg.generation.cfg_scale),
-        ).images
+            cfg_scale=method.cfg_scale,
+        )
 
     def inpaint(
         self,
+        method: Method,
         x: np.ndarray,
         known: np.ndarray,
         labels: np.ndarray | None,
         seed: int,
-        input_guidance: float = 0.0,
-        repaint: bool = False,
-    ) -> np.ndarray:
-        """float32 like x: the unknown pixels (known == 0) completed."""
-        if repaint:
-            cfg = self.cfg.inpainting
+    ) -> run_sampler.Samples:
+        """Images like x with the unknown pixels (known == 0) completed by the method."""
+        if method.kind == "repaint":
             return self.sampler.repaint(
                 x,
                 known,
-                steps=cfg.repaint_steps,
-                jump=cfg.repaint_jump,
-                resample=cfg.repaint_resample,
+                steps=method.steps,
+                jump=method.jump,
+                resample=method.resample,
                 labels=labels,
                 seed=seed,
                 eta=1.0,
-            ).images
+            )
         return self.sampler.inpaint(
             x,
             known,
-            steps=self.cfg.steps,
+            steps=method.steps,
             labels=labels,
             seed=seed,
             eta=float(self.cfg.eta),
-            input_guidance=float(input_guidance),
-        ).images
+            input_guidance=method.input_guidance,
+            context_level=method.context_level,
+        )
 
     # -- likelihood ----------------------------------------------------------------------------
 
@@ -461,25 +600,43 @@ class Evaluator:
             **extra,
         }
 
-    def _fid(self, samples: np.ndarray) -> float | None:
-        return None if self.features is None else self.features.fid(samples, self.batch)
+    def _scores(self, samples: np.ndarray) -> dict[str, float | None]:
+        if self.features is None:
+            return {"fid": None, "kid": None}
+        scores = self.features.scores(
+            samples, self.batch, self.cfg.kid_subsets, self.cfg.kid_subset_size
+        )
+        return {"fid": scores["fid"], "kid": scores["kid"]}
+
+    @staticmethod
+    def _cost(out: run_sampler.Samples) -> dict[str, float]:
+        """Network calls and evaluations (guidance branches count) per image."""
+        calls = [c.network_calls for c in out.costs]
+        evaluations = [c.evaluations for c in out.costs]
+        return {
+            "calls_per_image": float(np.mean(calls)),
+            "evaluations_per_image": float(np.mean(evaluations)),
+        }
 
     def _generation(self, unit: Unit, out_dir: str):
         cfg = self.cfg.generation
         labels = self.labels(cfg.labels, cfg.num_samples, unit.seed)
-        samples = self.generate(cfg.num_samples, labels, unit.seed)
-        metrics = {"fid": self._fid(samples)}
+        out = self.generate(unit.method, cfg.num_samples, labels, unit.seed)
+        samples = out.images
+        metrics = {**self._scores(samples), **self._cost(out)}
         n = self.cfg.report_images**2
         grid = images.grid(samples[:n], self.cfg.report_images)
         images.write_png(os.path.join(out_dir, f"{unit.name}.png"), grid)
         extra = {"images": f"{unit.name}.png", "sampler": "ddim", "plan": "synchronous"}
-        if self.cfg.adm_samples and unit.seed == self.cfg.seeds[0]:
+        if self.cfg.adm_samples and unit.seed == self.cfg.seeds[0] and unit.method.name is None:
             from apd.evaluation import adm
 
             count = min(self.cfg.adm_samples, samples.shape[0])
             if count < self.cfg.adm_samples:
                 labels_more = self.labels(cfg.labels, self.cfg.adm_samples, unit.seed + 1_000_003)
-                more = self.generate(self.cfg.adm_samples - count, labels_more, unit.seed + 1)
+                more = self.generate(
+                    unit.method, self.cfg.adm_samples - count, labels_more, unit.seed + 1
+                ).images
                 samples = np.concatenate([samples, more])
             path = os.path.join(out_dir, f"adm_samples_{self.cfg.adm_samples}.npz")
             adm.export_npz(path, images.to_uint8(samples[: self.cfg.adm_samples]))
@@ -498,23 +655,18 @@ class Evaluator:
         if saved is None or saved.shape != known.shape or not np.array_equal(saved, known):
             masks.save_masks(mask_file, known, unit.family, unit.seed)
         labels = self.labels(cfg.labels, cfg.num_images, unit.seed, data_labels)
-        y = self.inpaint(
-            x,
-            known,
-            labels,
-            unit.seed,
-            input_guidance=unit.input_guidance,
-            repaint=unit.method == "repaint",
-        )
+        out = self.inpaint(unit.method, x, known, labels, unit.seed)
+        y = out.images
         is_known = known.astype(bool)[..., None] & np.ones_like(x, bool)
         known_error = float(np.max(np.abs(y - x)[is_known])) if is_known.any() else 0.0
         metrics = {
-            "fid": self._fid(y),
+            **self._scores(y),
             "psnr": float(np.mean(np.asarray(image_metrics.psnr(y, x)))),
             "ssim": float(np.mean(np.asarray(image_metrics.ssim(y, x)))),
             "lpips": self._lpips(y, x),
             "known_max_abs_error": known_error,
             "unknown_fraction": float(np.mean(masks.unknown_fraction(known))),
+            **self._cost(out),
         }
         n = self.cfg.report_images
         panel = images.side_by_side(
@@ -524,8 +676,8 @@ class Evaluator:
         extra = {
             "images": f"{unit.name}.png",
             "masks": os.path.basename(mask_file),
-            "sampler": "repaint" if unit.method == "repaint" else "ddim",
-            "plan": "repaint" if unit.method == "repaint" else "inpaint",
+            "sampler": "repaint" if unit.method.kind == "repaint" else "ddim",
+            "plan": "repaint" if unit.method.kind == "repaint" else "inpaint",
             "known_exact": known_error == 0.0,
         }
         return metrics, extra

@@ -1,6 +1,7 @@
 """Reference feature statistics of a dataset split, computed once and cached on disk.
 
-A cache entry is `DATASET-SPLIT-NETWORK16.npz` (mean, covariance and count, float64) with a JSON
+A cache entry is `DATASET-SPLIT-NETWORK16.npz` (mean, covariance and count, float64, and the
+features of the split's first `KID_FEATURES` examples, float32, for KID) with a JSON
 record beside it, `DATASET-SPLIT-NETWORK16.json`, that names the dataset, the split, the full
 SHA-256 of the feature network that produced it and the SHA-256 of the .npz. The key includes
 the network's hash, so statistics are never reused across feature networks; a file whose hash
@@ -17,18 +18,27 @@ from absl import logging
 
 from apd.evaluation import frechet, integrity
 
+KID_FEATURES = 5000
+"""Reference features kept for KID: the first this many of the split (in its fixed order)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Stats:
-    """Gaussian statistics of N feature vectors: mean [D], unbiased covariance [D, D] (float64)."""
+    """Gaussian statistics of N feature vectors: mean [D], unbiased covariance [D, D] (float64),
+    and the first min(N, keep) feature vectors themselves (float32 [n, D]; None in an entry
+    written before features were kept)."""
 
     mean: np.ndarray
     covariance: np.ndarray
     count: int
+    features: np.ndarray | None = None
 
 
 def accumulate(
-    embed: Callable[[np.ndarray], np.ndarray], batches: Iterable[np.ndarray], dim: int
+    embed: Callable[[np.ndarray], np.ndarray],
+    batches: Iterable[np.ndarray],
+    dim: int,
+    keep: int = KID_FEATURES,
 ) -> Stats:
     """Streams batches through a feature function into `Stats`, one batch in memory at a time.
 
@@ -36,11 +46,19 @@ def accumulate(
       embed: batch -> features [N, dim] (e.g. a jitted network; device arrays are fine).
       batches: inputs that `embed` takes, e.g. images [N, H, W, C].
       dim: the feature dimension D.
+      keep: how many of the first feature vectors to keep (for KID); 0 keeps none.
     """
     running = frechet.RunningStats(dim)
+    kept: list[np.ndarray] = []
+    num_kept = 0
     for batch in batches:
-        running.update(np.asarray(embed(batch)))
-    return Stats(running.mean, running.covariance, running.count)
+        features = np.asarray(embed(batch))
+        running.update(features)
+        if num_kept < keep:
+            kept.append(np.asarray(features[: keep - num_kept], np.float32))
+            num_kept += kept[-1].shape[0]
+    features = np.concatenate(kept) if kept else np.zeros((0, dim), np.float32)
+    return Stats(running.mean, running.covariance, running.count, features)
 
 
 _NAME_PART = re.compile(r"^[A-Za-z0-9_.]+$")
@@ -68,7 +86,10 @@ def save(cache_dir: str, dataset: str, split: str, network_sha256: str, stats: S
     stats_path, record_path = cache_paths(cache_dir, dataset, split, network_sha256)
     os.makedirs(cache_dir, exist_ok=True)
     with open(f"{stats_path}.tmp", "wb") as f:
-        np.savez(f, mean=stats.mean, covariance=stats.covariance, count=np.int64(stats.count))
+        arrays = {"mean": stats.mean, "covariance": stats.covariance}
+        if stats.features is not None:
+            arrays["features"] = np.asarray(stats.features, np.float32)
+        np.savez(f, count=np.int64(stats.count), **arrays)
     os.replace(f"{stats_path}.tmp", stats_path)
     integrity.write_json(
         record_path,
@@ -108,7 +129,8 @@ def load(cache_dir: str, dataset: str, split: str, network_sha256: str) -> Stats
     except ValueError as e:
         raise ValueError(f"{e} Delete {stats_path!r} and {record_path!r} to recompute.") from e
     with np.load(stats_path, allow_pickle=False) as f:
-        return Stats(f["mean"], f["covariance"], int(f["count"]))
+        features = f["features"] if "features" in f.files else None
+        return Stats(f["mean"], f["covariance"], int(f["count"]), features)
 
 
 def load_or_compute(
@@ -118,8 +140,17 @@ def load_or_compute(
     network_sha256: str,
     compute: Callable[[], Stats],
 ) -> Stats:
-    """The cached statistics if present (hash-checked), else `compute()`, saved to the cache."""
+    """The cached statistics if present (hash-checked), else `compute()`, saved to the cache.
+
+    An entry written before reference features were kept (no KID) is recomputed and replaced."""
     cached = load(cache_dir, dataset, split, network_sha256)
+    if cached is not None and cached.features is None:
+        logging.info(
+            "Reference statistics of %s/%s hold no features for KID: recomputing them.",
+            dataset,
+            split,
+        )
+        cached = None
     if cached is not None:
         logging.info(
             "Reusing reference statistics of %s/%s (%d examples).", dataset, split, cached.count

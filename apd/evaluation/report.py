@@ -35,11 +35,15 @@ def _generation_and_likelihood_rows(results: dict[int, dict]) -> tuple[list[str]
             if name.startswith("likelihood/")
         }
     )
-    header = ["step", "generation FID"] + [f"bits/dim ({p})" for p in paths]
+    header = ["step", "generation FID", "generation KID"] + [f"bits/dim ({p})" for p in paths]
     rows = []
     for step in sorted(results):
         summary = results[step]["summary"]
-        cells = [str(step), fmt(summary.get("generation/fid"))]
+        cells = [
+            str(step),
+            fmt(summary.get("generation/fid")),
+            fmt(summary.get("generation/kid"), 4),
+        ]
         cells += [fmt(summary.get(f"likelihood/{p}/bits_per_dim"), 3) for p in paths]
         rows.append("| " + " | ".join(cells) + " |")
     return header, rows
@@ -115,15 +119,28 @@ def write(
         inpainting = inpainting_rows(record["summary"])
         if inpainting:
             lines += [f"## Inpainting (checkpoint {latest})", ""]
-            header = ["mask family", "method", "FID", "PSNR (dB)", "SSIM", "LPIPS", "known px"]
+            header = [
+                "mask family",
+                "method",
+                "calls",
+                "FID",
+                "KID",
+                "PSNR (dB)",
+                "SSIM",
+                "LPIPS",
+                "known px",
+            ]
             rows = []
             for family, method, m in inpainting:
                 exact = m.get("known_max_abs_error")
                 known = "-" if exact is None else "exact" if exact["max"] == 0 else "NOT exact"
+                calls = m.get("evaluations_per_image")
                 cells = [
                     family,
                     method,
+                    "-" if calls is None else f"{calls['mean']:g}",
                     fmt(m.get("fid")),
+                    fmt(m.get("kid"), 4),
                     fmt(m.get("psnr")),
                     fmt(m.get("ssim"), 3),
                     fmt(m.get("lpips"), 3),
@@ -135,7 +152,8 @@ def write(
             lines += [
                 f"FID here is over {count} completed images per family: Fréchet distances are "
                 "biased upwards at small counts, so compare them only at equal counts (not with "
-                "the generation FID above when its sample count differs).",
+                "the generation FID above when its sample count differs); KID is unbiased. "
+                "calls: network evaluations per image (guidance branches count).",
                 "",
             ]
         step_dir = f"step_{latest:08d}"

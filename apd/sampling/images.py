@@ -53,6 +53,7 @@ def make_sample_fn(
     num_classes: int = 0,
     cfg_scale: float = 0.0,
     input_guidance: float = 0.0,
+    context_level: str | float = "match",
     out_sharding: jax.sharding.Sharding | None = None,
 ) -> SampleFn:
     """A jitted `sample_fn(params, plan, key, x_known=None, noise=None, labels=None)`.
@@ -69,6 +70,7 @@ def make_sample_fn(
       eta: DDIM stochastic coefficient in [0, 1].
       num_classes: classes of a class-conditional model (0: unconditional).
       cfg_scale, input_guidance: guidance scales (see `apd.sampling.sample`).
+      context_level: input guidance's noisier context, 'match' or a level in [0, 1].
       out_sharding: sharding of the samples (e.g. replicated, so every process can read them).
     Returns:
       sample_fn(params, plan, key, x_known=None, noise=None, labels=None) -> samples
@@ -98,6 +100,7 @@ def make_sample_fn(
             num_classes=num_classes,
             cfg_scale=cfg_scale,
             input_guidance=input_guidance,
+            context_level=context_level,
         )
 
     return jax.jit(sample_fn, out_shardings=out_sharding)

@@ -13,11 +13,19 @@ A run is trained by `python -m apd.train --config=SPEC --workdir=ROOT/NAME --con
 and evaluated by `python -m apd.evaluate` with the same config and overrides on its final
 checkpoint. It is finished when that checkpoint exists and its `results.json` holds every unit
 the evaluation declares, computed with the current settings (`protocol.unit_settings`).
+
+A config file that sets `EVALUATION = "NAME"` declares a second evaluation of runs that another
+sweep trains (sampling settings swept without retraining): its results go to
+ROOT/RUN/eval_NAME (apd.evaluate's --out) and its state, table and plots to ROOT/sweep.NAME.json,
+table.NAME.md/json and plots.NAME/, so it shares --root with the training sweep: a run already
+trained there is evaluated, not retrained (its stored model must match the config's, as on any
+resume).
 """
 
 import dataclasses
 import importlib.util
 import os
+import re
 from typing import Any
 
 import ml_collections as mc
@@ -41,6 +49,13 @@ class Run:
     config_spec: str  # experiments/NAME.py[:ARGS], the point's config arguments included
     workdir: str
     config: mc.ConfigDict = dataclasses.field(repr=False)  # the config with the overrides
+    evaluation: str = ""  # the config file's EVALUATION ('' for the default evaluation)
+
+    @property
+    def eval_dir(self) -> str:
+        """Where apd.evaluate writes this sweep's evaluation of the run."""
+        name = f"eval_{self.evaluation}" if self.evaluation else "eval"
+        return os.path.join(self.workdir, name)
 
     @property
     def overrides(self) -> list[tuple[str, str]]:
@@ -70,6 +85,7 @@ class Run:
             f"--config={self.config_spec}",
             f"--workdir={self.workdir}",
             f"--checkpoint={self.total_steps}",
+            *([f"--out={self.eval_dir}"] if self.evaluation else []),
             *self.override_args(),
         ]
 
@@ -79,7 +95,7 @@ class Run:
     def results(self) -> dict[str, Any] | None:
         """The final checkpoint's results.json when it is complete for the current settings."""
         path = os.path.join(
-            evaluate.step_dir(os.path.join(self.workdir, "eval"), self.total_steps),
+            evaluate.step_dir(self.eval_dir, self.total_steps),
             evaluate.RESULTS,
         )
         if not os.path.exists(path):
@@ -106,6 +122,15 @@ class Sweep:
     path: str  # the config file
     root: str  # absolute
     runs: list[Run]
+    evaluation: str = ""  # the config file's EVALUATION
+
+    def output(self, name: str) -> str:
+        """ROOT/NAME of the sweep's own files ('sweep.json', 'table.md', 'plots'), with the
+        evaluation's name before the extension: sweep.NAME.json, plots.NAME."""
+        if self.evaluation:
+            stem, dot, ext = name.partition(".")
+            name = f"{stem}.{self.evaluation}{dot}{ext}"
+        return os.path.join(self.root, name)
 
     @property
     def keys(self) -> list[str]:
@@ -155,6 +180,12 @@ def load(spec: str, root: str) -> Sweep:
                 f"{path} declares no {name}(): a sweep config defines get_config(arg) and "
                 "get_hyper(hyper) (see apd.sweeps.hyper)."
             )
+    evaluation = getattr(module, "EVALUATION", "")
+    if not isinstance(evaluation, str) or not re.fullmatch(r"[A-Za-z0-9_]*", evaluation):
+        raise ValueError(
+            f"{path}: EVALUATION names an evaluation with letters, digits and '_'; got "
+            f"{evaluation!r}."
+        )
     points = hyper.expand(module.get_hyper, path)
     names = hyper.run_names(points)
     root = os.path.abspath(root)
@@ -163,8 +194,9 @@ def load(spec: str, root: str) -> Sweep:
         arg = _merge_args(base_arg, point)
         config_spec = f"{path}:{arg}" if arg else path
         config = _check_point(module, path, arg, point, name)
-        runs.append(Run(index, name, point, config_spec, os.path.join(root, name), config))
-    return Sweep(spec, path, root, runs)
+        workdir = os.path.join(root, name)
+        runs.append(Run(index, name, point, config_spec, workdir, config, evaluation))
+    return Sweep(spec, path, root, runs, evaluation)
 
 
 def _merge_args(base_arg: str, point: dict[str, Any]) -> str:

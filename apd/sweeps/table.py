@@ -79,11 +79,14 @@ def aggregate(values: Sequence[float], eval_std: float | None) -> dict[str, Any]
 
 def split_name(metric: str) -> tuple[str, str, str]:
     """Summary name -> (column, method, metric): 'inpainting/wide/repaint/fid' -> ('wide',
-    'repaint', 'fid'); 'generation/fid' -> ('generation', 'apd', 'fid'); 'likelihood/raster/
-    bits_per_dim' -> ('raster', 'apd', 'bits_per_dim')."""
+    'repaint', 'fid'); 'generation/fid' -> ('generation', 'apd', 'fid'); 'generation/ddim_cfg2/
+    fid' -> ('generation', 'ddim_cfg2', 'fid'); 'likelihood/raster/bits_per_dim' -> ('raster',
+    'apd', 'bits_per_dim')."""
     parts = metric.split("/")
     if len(parts) == 2:
         return parts[0], DEFAULT_METHOD, parts[1]
+    if len(parts) == 3 and parts[0] == "generation":
+        return parts[0], parts[1], parts[2]
     if len(parts) == 3:
         return parts[1], DEFAULT_METHOD, parts[2]
     return parts[1], "/".join(parts[2:-1]), parts[-1]
@@ -151,7 +154,7 @@ def _caption(table: dict[str, Any]) -> str:
         parts.append(f"{inp['num_images']} test images per mask family")
     if "steps" in ev:
         parts.append(f"DDIM {ev['steps']} steps (eta {ev.get('eta')})")
-    if "inpainting" in evaluators and ev["inpainting"].get("repaint"):
+    if "inpainting" in evaluators and "repaint" in ev["inpainting"].get("methods", ()):
         inp = ev["inpainting"]
         parts.append(
             f"RePaint {inp['repaint_steps']} steps, jump {inp['repaint_jump']}, resample "
