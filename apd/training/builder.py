@@ -1,7 +1,9 @@
 """What a training run compiles, with no input pipeline, checkpointing or metrics attached.
 
-`build(config, mesh, image_shape, num_classes)` gives the model, the sharded TrainState layout
-(nothing allocated) and the jitted training step. It needs jax, flax, optax and ml_collections
+`build(config, mesh, image_shape, num_classes)` gives the diffusion backbone's model, the sharded
+TrainState layout (nothing allocated) and the jitted training step; `assemble` is the part every
+trained model shares (sharding, jit with donation), which other tasks (`apd.training.tasks`) call
+with their own model, init and step. It needs jax, flax, optax and ml_collections
 only, so benchmarks and other programs can compile apd's real training step on machines that lack
 the data and logging stack (grain, TFDS, clu); `apd.training.loop` wraps it with those.
 """
@@ -82,17 +84,29 @@ class Run:
     description: dict
 
 
-def build(config: mc.ConfigDict, mesh, image_shape: tuple[int, ...], num_classes: int) -> Run:
-    """Builds the model, the sharded state layout (nothing allocated) and the jitted step."""
-    model = build_model(config, num_classes)
-    tx = optim.make(config.optimizer, config.total_steps)
-    init_fn, abstract = abstract_state(model, tx, image_shape, num_classes, config.seed)
+def assemble(
+    config: mc.ConfigDict,
+    mesh,
+    model: Any,
+    init_fn: Callable[[jax.Array], state_lib.TrainState],
+    step_fn: Callable,
+    abstract: state_lib.TrainState,
+    description: dict,
+) -> Run:
+    """The part of a Run every trained model shares: the state sharded over the mesh
+    (`models.param_shardings`: FSDP where the mesh has an fsdp axis), the step jitted with the
+    state donated, batches sharded over the batch axes, init jitted into the sharded layout.
+
+    Args:
+      init_fn: key -> the initial TrainState (traced; nothing allocated here).
+      step_fn: (state, batch) -> (state, metrics), not yet jitted.
+      abstract: `jax.eval_shape(init_fn, key)`.
+      description: the model description stored with every checkpoint (`model_description`).
+    """
     shardings = models.param_shardings(abstract, mesh)
     batch_sharding = mesh_lib.batch_sharding(mesh)
     train_step = jax.jit(
-        step_lib.make_train_step(
-            model, tx, config, tuple(image_shape[:-1]), num_classes, batch_sharding=batch_sharding
-        ),
+        step_fn,
         in_shardings=(shardings, batch_sharding),
         out_shardings=(shardings, mesh_lib.replicated(mesh)),
         donate_argnums=0,
@@ -106,7 +120,25 @@ def build(config: mc.ConfigDict, mesh, image_shape: tuple[int, ...], num_classes
         ),
         train_step=train_step,
         batch_sharding=batch_sharding,
-        description=model_description(
-            config.model.to_dict() | {"num_classes": num_classes}, abstract.params
-        ),
+        description=description,
     )
+
+
+def build(config: mc.ConfigDict, mesh, image_shape: tuple[int, ...], num_classes: int) -> Run:
+    """The diffusion backbone's Run: model, sharded state layout (nothing allocated), jitted
+    step (`apd.training.step`)."""
+    model = build_model(config, num_classes)
+    tx = optim.make(config.optimizer, config.total_steps)
+    init_fn, abstract = abstract_state(model, tx, image_shape, num_classes, config.seed)
+    step_fn = step_lib.make_train_step(
+        model,
+        tx,
+        config,
+        tuple(image_shape[:-1]),
+        num_classes,
+        batch_sharding=mesh_lib.batch_sharding(mesh),
+    )
+    description = model_description(
+        config.model.to_dict() | {"num_classes": num_classes}, abstract.params
+    )
+    return assemble(config, mesh, model, init_fn, step_fn, abstract, description)

@@ -1,4 +1,8 @@
-"""`train_and_evaluate(config, workdir)`: the whole training run, resumable from its workdir."""
+"""`train_and_evaluate(config, workdir)`: the whole training run, resumable from its workdir.
+
+The one training loop of apd: every trained model (diffusion backbones, autoencoders) runs
+through it; what differs between them is a task (`apd.training.tasks`, chosen by `config.task`).
+"""
 
 import dataclasses
 import json
@@ -13,15 +17,13 @@ import numpy as np
 from absl import logging
 from clu import parameter_overview, periodic_actions
 
-from apd import checks, cli, corruption, levels, losses, plans
+from apd import cli
 from apd import data as data_lib
 from apd.evaluation import integrity
-from apd.sampling import images as sample_images
-from apd.training import builder, optim
+from apd.training import builder, optim, tasks
 from apd.training import checkpoint as checkpoint_lib
 from apd.training import mesh as mesh_lib
 from apd.training import metrics as metrics_lib
-from apd.training import step as step_lib
 
 FINITE_METRICS = ("loss", "grad_norm", "param_norm", "ema_norm")
 """Checked on every step before its state can be saved: loss and gradient norm of the step, and
@@ -86,17 +88,18 @@ class Prepared:
     num_classes: int
     train_iter: Any  # the grain iterator of this process's blocks of each global batch
     run: builder.Run  # model, sharded state layout, jitted (not yet compiled) step
-    sample_plan: plans.Plan | None  # the plan of the sample grids, if any
+    task: tasks.Task  # what the config's task adds to the loop
 
 
 def prepare(config: mc.ConfigDict, workdir: str) -> Prepared:
     """Checks the whole config against the devices, the data and the workdir.
 
-    In order: the workdir (a directory, or a path where one can be created); the step counts;
-    the mesh and the global batch split over it; the dataset, its files and the input stream;
-    the level sampler's parameters on the dataset's token grid; the optimizer, schedule,
-    prediction type and loss weighting; the sample grids' plan; the model (built and traced
-    abstractly, nothing allocated); an existing checkpoint's model against it. Nothing is
+    In order: the workdir (a directory, or a path where one can be created); the task; the step
+    counts; the mesh and the global batch split over it; the dataset, its files and the input
+    stream; the optimizer; the task's own values (`Task.check`: for diffusion the level
+    sampler's parameters on the dataset's token grid, the schedule, prediction type, loss
+    weighting and the sample grids' plan); the model (built and traced abstractly, nothing
+    allocated); an existing checkpoint's model against it. Nothing is
     written, restored or compiled, so a rejected launch leaves the workdir (its config.json
     included) exactly as it was.
 
@@ -105,6 +108,7 @@ def prepare(config: mc.ConfigDict, workdir: str) -> Prepared:
       FileNotFoundError (DatasetNotFoundError), naming the bad value and the expected form.
     """
     cli.check_writable_dir(workdir, "workdir")
+    task = tasks.get(config)
     for name, value, low in (
         ("total_steps", config.total_steps, 1),
         ("log_every_steps", config.log_every_steps, 1),
@@ -132,17 +136,11 @@ def prepare(config: mc.ConfigDict, workdir: str) -> Prepared:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    levels.resolve_params(config.levels.name, image_shape[:-1], **config.levels.params)
     optim.learning_rate(config.optimizer, config.total_steps)
-    step_lib.schedule_from_config(config)
-    checks.check_choice("prediction type", config.diffusion.prediction, corruption.PREDICTIONS)
-    checks.check_choice("loss weighting", config.diffusion.weighting, losses.WEIGHTINGS)
-    sample_plan = None
-    if config.get("sample_every_steps", 0):
-        sample_plan = plans.synchronous(config.sample.steps, config.sample.num, image_shape[:-1])
-    run = builder.build(config, mesh, image_shape, num_classes)
+    task.check(config, image_shape, num_classes)
+    run = task.build(config, mesh, image_shape, num_classes)
     checkpoint_lib.check_compatible(workdir, run.description)
-    return Prepared(mesh, tuple(image_shape), num_classes, train_iter, run, sample_plan)
+    return Prepared(mesh, tuple(image_shape), num_classes, train_iter, run, task)
 
 
 def _non_finite_message(step: int, values: dict[str, float], checkpointer) -> str:
@@ -174,27 +172,10 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict[str, Any]:
       'preemption' (SIGTERM) or 'Ctrl-C' when a signal stopped the run after saving that step.
     """
     prepared = prepare(config, workdir)
-    run, train_iter, mesh = prepared.run, prepared.train_iter, prepared.mesh
-    num_classes = prepared.num_classes
+    run, train_iter = prepared.run, prepared.train_iter
     os.makedirs(workdir, exist_ok=True)
-
     sample_every = config.get("sample_every_steps", 0)
-    if sample_every:
-        # Fixed noise and labels, so the grids are comparable across steps.
-        sample_plan = prepared.sample_plan
-        sample_labels = (
-            np.arange(config.sample.num, dtype=np.int32) % num_classes if num_classes else None
-        )
-        sample_fn = sample_images.make_sample_fn(
-            run.model.apply,
-            schedule=step_lib.schedule_from_config(config),
-            prediction=config.diffusion.prediction,
-            channels=prepared.image_shape[-1],
-            eta=config.sample.eta,
-            num_classes=num_classes,
-            out_sharding=mesh_lib.replicated(mesh),
-        )
-        sample_key = jax.random.key(config.seed)
+    visualise = prepared.task.visualiser(config, prepared)
 
     checkpointer = checkpoint_lib.Checkpointer(
         workdir,
@@ -271,14 +252,12 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict[str, Any]:
                 checkpointer.save(
                     step, state, train_iter, run.description, force=stop or step == total
                 )
-            if sample_every and (step % sample_every == 0 or step == total):
-                images = jax.device_get(
-                    sample_fn(state.ema_params, sample_plan, sample_key, labels=sample_labels)
-                )
-                if jax.process_index() == 0:
-                    sample_images.write_sample_grid(
-                        os.path.join(workdir, "samples", f"step_{step:08d}.png"), images
-                    )
+            if (
+                visualise is not None
+                and sample_every
+                and (step % sample_every == 0 or step == total)
+            ):
+                visualise(state, step, workdir)
             if stop:
                 logging.warning(
                     "Stopped by %s at step %d; relaunch to resume.",
@@ -298,18 +277,21 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def summarise(history, elapsed, input_wait, global_batch_size) -> dict[str, float]:
-    """Means of the logged interval's metrics, loss per level bucket, throughput."""
+    """Means of the logged interval's scalar metrics (every task's), loss per level bucket when
+    the step reports `loss_per_level` / `tokens_per_level` sums (diffusion), throughput."""
     out: dict[str, float] = {}
     if not history:
         return out
-    for name in FINITE_METRICS:
-        out[name] = float(np.mean([h[name] for h in history]))
-    sums = np.sum([h["loss_per_level"] for h in history], axis=0)
-    counts = np.sum([h["tokens_per_level"] for h in history], axis=0)
-    n = len(sums)
-    for i in range(n):
-        if counts[i] > 0:
-            out[f"loss_level/{i / n:.1f}-{(i + 1) / n:.1f}"] = float(sums[i] / counts[i])
+    for name, value in history[0].items():
+        if np.ndim(value) == 0:
+            out[name] = float(np.mean([h[name] for h in history]))
+    if "loss_per_level" in history[0]:
+        sums = np.sum([h["loss_per_level"] for h in history], axis=0)
+        counts = np.sum([h["tokens_per_level"] for h in history], axis=0)
+        n = len(sums)
+        for i in range(n):
+            if counts[i] > 0:
+                out[f"loss_level/{i / n:.1f}-{(i + 1) / n:.1f}"] = float(sums[i] / counts[i])
     out["steps_per_sec"] = len(history) / max(elapsed, 1e-9)
     out["images_per_sec"] = out["steps_per_sec"] * global_batch_size
     out["input_wait_fraction"] = input_wait / max(elapsed, 1e-9)
