@@ -37,7 +37,11 @@ Constructors (pure; `grid` is an int n for an n x n token grid or a tuple such a
   edit(strength, steps)                      token i: strength_i -> 0 linearly; strength 0 kept.
   autoregressive(grid, batch, patches, ...)  groups (patches of a K x K grid) generated in order,
                                              each 1 -> 0 over its own window of steps.
-  adaptive(uncertainty_fn, budget, start)    tokens with low difficulty take fewer, larger steps.
+  adaptive(uncertainty_fn, budget, start)    tokens with low difficulty take fewer, larger steps
+                                             (one estimate at the start; the rule's two parts,
+                                             `adaptive_counts` and `adaptive_advance`, also
+                                             drive `run_sampler.Sampler.adaptive`, which
+                                             re-estimates while sampling).
   from_array(levels, update=None)            a user-supplied field, validated.
 
 `validate(plan)` raises ValueError naming the first offending step and token (compact plans are
@@ -284,6 +288,59 @@ def autoregressive(
     )
 
 
+def adaptive_counts(difficulty: Array, remaining: Array, budget: tuple[int, int]) -> Array:
+    """The adaptive rule's step counts: how many more steps each token takes to reach level 0.
+
+    A token of difficulty d in [0, 1] (0 = easy) is given n(d) = n_min + (n_max - n_min) d steps
+    for the whole way from its start level; with a fraction `remaining` of that way still ahead,
+
+        count = max(1, round(n(d) * remaining))     (0 where remaining = 0: the token is done).
+
+    At the start (remaining 1) a token gets n(d) steps; recomputed midway with a new difficulty,
+    the count covers only what is left (`adaptive_advance` then moves the token linearly to 0).
+    Traceable.
+
+    Args:
+      difficulty: [B, *tokens] float32 in [0, 1].
+      remaining: [B, *tokens] float32 in [0, 1]: the current level over the start level (the
+        current level itself for tokens that start at 1); 0 for done or known tokens.
+      budget: (n_min, n_max), ints, 1 <= n_min <= n_max.
+    Returns:
+      [B, *tokens] int32, >= 1 where remaining > 0, else 0.
+    """
+    n_min, n_max = budget
+    n = n_min + (n_max - n_min) * jnp.asarray(difficulty, jnp.float32)
+    count = jnp.maximum(jnp.round(n * remaining), 1.0).astype(jnp.int32)
+    return jnp.where(remaining > 0, count, 0)
+
+
+def adaptive_advance(levels: Array, counts: Array, align: str = "start") -> tuple[Array, Array]:
+    """One step of the adaptive rule: each moving token goes a 1/count share of the way to 0.
+
+    A token with count r > 0 moves from level t to t (r - 1) / r (exactly 0 when r = 1) and its
+    count falls by one; a token with r = 0 is done and stays. align='start': every token with
+    r > 0 moves (easy tokens finish early). align='end': a token moves only once its count has
+    reached its image's largest count, so all tokens of an image finish at its last step (hard
+    tokens start first; the others wait at their start level, seeing cleaner context). Either
+    way an image's remaining steps are the largest count among its tokens. Traceable.
+
+    Args:
+      levels: [B, *tokens] float32 in [0, 1].
+      counts: [B, *tokens] int32 >= 0 (`adaptive_counts`), 0 exactly where the token is done.
+      align: 'start' or 'end'.
+    Returns:
+      (levels after the step, counts after the step), shaped like the inputs.
+    """
+    if align == "start":
+        moves = counts > 0
+    else:
+        axes = tuple(range(1, counts.ndim))
+        moves = (counts > 0) & (counts >= jnp.max(counts, axis=axes, keepdims=True))
+    r = jnp.maximum(counts, 1).astype(jnp.float32)
+    moved = levels * (r - 1.0) / r
+    return jnp.where(moves, moved, levels), counts - moves.astype(counts.dtype)
+
+
 def adaptive(
     uncertainty_fn: Callable[[Array], Array],
     budget: tuple[int, int],
@@ -291,19 +348,17 @@ def adaptive(
     *,
     align: str = "end",
 ) -> Plan:
-    """Uncertainty-guided schedule: easy tokens take fewer, larger steps (method.md §7, §5.5).
+    """A fixed uncertainty-guided schedule: one difficulty estimate, at the start (method.md §7).
 
-    The rule: `uncertainty_fn(start)` gives each token a difficulty d_i in [0, 1] (0 = easy; e.g.
-    `difficulty_from_log_error` of an uncertainty head's output). Token i gets
-
-        n_i = round(n_min + (n_max - n_min) * d_i)
-
-    steps and goes linearly from its start level to 0 over them. align='end': every token finishes
-    at the last step (hard tokens start first, easy ones join later, seeing cleaner context);
-    align='start': all start together and easy tokens finish early. The plan has
-    S = max_i n_i steps over the updated tokens of the whole batch: the network runs on the whole
-    batch every step, so S, not the mean n_i, is the cost. With d normalised per image (its
-    hardest token at 1) S = n_max; only an absolute difficulty below 1 everywhere saves calls.
+    `uncertainty_fn(start)` gives each token a difficulty d_i in [0, 1] (0 = easy; e.g.
+    `difficulty_from_log_error` of an uncertainty head's output); token i takes
+    n_i = `adaptive_counts` = round(n_min + (n_max - n_min) d_i) steps, and the field follows
+    `adaptive_advance` step by step (align: 'end' or 'start', per image). This is the rule of
+    `run_sampler.Sampler.adaptive` with no re-estimation, as one materialised plan for a fixed
+    batch: the plan has S = max_i n_i steps over the updated tokens of the whole batch, and the
+    network runs on the whole batch at every step, so S, not the mean n_i, is its cost (an image
+    that finishes early waits, clean, for the others). `Sampler.adaptive` runs the same rule
+    with re-estimation and continuous batching, where a finished image stops costing calls.
 
     Eager: S depends on the difficulty values, so this runs outside `jax.jit`.
 
@@ -317,10 +372,7 @@ def adaptive(
       A materialised plan: levels [S + 1, B, *tokens]; update = (start > 0).
     """
     checks.check_choice("adaptive align", align, ALIGNS)
-    if not (isinstance(budget, Sequence) and len(budget) == 2):
-        raise ValueError(f"adaptive budget must be a pair (n_min, n_max); got {budget!r}.")
-    n_min = _check_int("adaptive budget n_min", budget[0], lo=1)
-    n_max = _check_int("adaptive budget n_max", budget[1], lo=n_min)
+    n_min, n_max = check_budget(budget)
     checks.check_levels(start, "adaptive start levels")
     start = jnp.asarray(start, jnp.float32)
     difficulty = jnp.asarray(uncertainty_fn(start), jnp.float32)
@@ -332,12 +384,21 @@ def adaptive(
     checks.check_levels(difficulty, "difficulty (uncertainty_fn output)")
 
     update = start > 0
-    n = jnp.where(update, jnp.round(n_min + (n_max - n_min) * difficulty), 0.0)
-    steps = int(jnp.max(n)) if bool(jnp.any(update)) else 1
-    k = jnp.arange(steps + 1, dtype=jnp.float32).reshape(steps + 1, *(1,) * start.ndim)
-    n_safe = jnp.maximum(n, 1.0)[None]
-    remaining = (steps - k) / n_safe if align == "end" else 1.0 - k / n_safe
-    return Plan(start[None] * jnp.clip(remaining, 0.0, 1.0), update, kind="adaptive")
+    counts = adaptive_counts(difficulty, update.astype(jnp.float32), (n_min, n_max))
+    steps = max(int(jnp.max(counts)), 1)
+    levels = [start]
+    for _ in range(steps):
+        level, counts = adaptive_advance(levels[-1], counts, align)
+        levels.append(level)
+    return Plan(jnp.stack(levels), update, kind="adaptive")
+
+
+def check_budget(budget) -> tuple[int, int]:
+    """An adaptive budget (n_min, n_max) with 1 <= n_min <= n_max, as two ints."""
+    if not (isinstance(budget, Sequence) and len(budget) == 2):
+        raise ValueError(f"adaptive budget must be a pair (n_min, n_max); got {budget!r}.")
+    n_min = _check_int("adaptive budget n_min", budget[0], lo=1)
+    return n_min, _check_int("adaptive budget n_max", budget[1], lo=n_min)
 
 
 def difficulty_from_log_error(
@@ -350,7 +411,10 @@ def difficulty_from_log_error(
     """Maps an uncertainty head's predicted log squared error to a difficulty in [0, 1].
 
     With `low` and `high` (a calibrated absolute range): clip((log_error - low) / (high - low)).
-    Without: min-max over each image's updated tokens (its easiest token 0, hardest 1).
+    A trained head records such a range in its head.json (`calibration`, written by
+    `apd.train_uncertainty`), and `run_sampler.Sampler.adaptive` uses it by default. Without:
+    min-max over each image's updated tokens (its easiest token 0, hardest 1), so every image's
+    hardest token gets difficulty 1 and n_max steps.
 
     Args:
       log_error: [B, *tokens] float32.

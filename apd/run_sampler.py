@@ -8,25 +8,28 @@ evaluators of `apd.evaluate`, for notebooks as much as for the binaries.
     known = apd.evaluation.masks.make_masks("wide", 0, 16, run.image_shape[:2])
     out = sampler.inpaint(x, known, steps=50, labels=y, seed=0)  # out.network_calls: 50
 
-Every method takes N images (or draws N samples) and works in chunks of `batch`: the last chunk
-is padded by repeating its last row, so every chunk has one shape and each kind of plan compiles
-once per setting (step count, eta, guidance scales). The parameters are replicated over the local
-devices and each chunk is split over them (over the most devices, up to all, that divide
-`batch`). Chunk i draws from `fold_in(key(seed), i)`, split in three: the start noise, the
-sampler's own noise, and the plan's random choices (the autoregressive order). The same seed and
-batch give the same images.
+Every method but `adaptive` takes N images (or draws N samples) and works in chunks of
+`batch`: the last chunk is padded by repeating its last row, so every chunk has one shape and
+each kind of plan compiles once per setting (step count, eta, guidance scales). The parameters
+are replicated over the local devices and each chunk is split over them (over the most devices,
+up to all, that divide `batch`). Chunk i draws from `fold_in(key(seed), i)`, split in three: the
+start noise, the sampler's own noise, and the plan's random choices (the autoregressive order).
+The same seed and batch give the same images. `adaptive` instead runs a pool of `batch` slots
+(split over the devices the same way) that takes the next image as soon as one is done, image j
+drawing from its own key (`AdaptivePool`).
 
 Labels are int32 [N] in [0, num_classes] (`resolve_labels` makes them from a mode such as
 'random' or 'data'); None gives a class-conditional model the null label (unconditional samples).
 Each method returns `Samples`: images float32 [N, H, W, C] in [-1, 1], the network cost of each
-chunk (`apd.sampling.Cost`) and the per-sample arrays a plan adds (adaptive: steps per pixel and
-the predicted log error).
+chunk (`apd.sampling.Cost`; adaptive: one for the pool) and the per-sample arrays a plan adds
+(adaptive: each image's network calls, steps per pixel and the predicted log error).
 """
 
 import dataclasses
+import functools
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -35,8 +38,10 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from apd import checks, plans, runs, sampling
+from apd import checks, corruption, plans, runs, sampling
+from apd.sampling import ddim, guidance
 from apd.sampling import images as images_lib
+from apd.sampling import inputs as sampling_inputs
 
 Array = jax.Array
 
@@ -125,15 +130,36 @@ def resolve_labels(
     return np.random.default_rng([seed, 17]).integers(0, num_classes, num).astype(np.int32)
 
 
-def steps_per_pixel(plan: plans.Plan) -> np.ndarray:
-    """[B, *tokens] int32: the steps in which each token's level falls (its network calls)."""
-    lv = np.broadcast_to(np.asarray(plan.levels), (plan.levels.shape[0], *plan.shape))
-    return np.sum(lv[1:] < lv[:-1], axis=0).astype(np.int32)
-
-
 def default_min_steps(steps: int) -> int:
     """The adaptive plan's default fewest steps per pixel: max(1, 2 steps // 5)."""
     return max(1, 2 * steps // 5)
+
+
+def difficulty_range(
+    head: runs.UncertaintyHead, low: float | None = None, high: float | None = None
+) -> tuple[float, float]:
+    """The log-error range (difficulty 0, difficulty 1) of the adaptive rule.
+
+    Both `low` and `high` given: those. Neither: the head's calibration (head.json
+    `calibration.low/high`, the 5% and 95% quantiles of its held-out predictions; see
+    `apd.train_uncertainty`). ValueError for one without the other, or for a head without a
+    calibration (the message says how to add one).
+    """
+    if (low is None) != (high is None):
+        raise ValueError(
+            "difficulty_low and difficulty_high go together (an absolute log-error range); got "
+            f"{low!r} and {high!r}."
+        )
+    if low is not None:
+        return float(low), float(high)
+    calibration = head.info.get("calibration")
+    if calibration is None:
+        raise ValueError(
+            "the uncertainty head has no calibration (it was trained before heads recorded one): "
+            "run `python -m apd.train_uncertainty` on the run again (it calibrates the existing "
+            "head without retraining it), or pass difficulty_low and difficulty_high."
+        )
+    return float(calibration["low"]), float(calibration["high"])
 
 
 def _check_count(what: str, value) -> int:
@@ -161,7 +187,8 @@ class Sampler:
         self.params = jax.device_put(run.params, self.replicated)
         self._sample_fns: dict[tuple[float, float, float], Callable] = {}
         self._repaint_fns: dict[tuple[int, int, int, float], Callable] = {}
-        self._head: tuple[Any, Callable] | None = None
+        self._head: runs.UncertaintyHead | None = None
+        self._pool: AdaptivePool | None = None
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -246,16 +273,39 @@ class Sampler:
             )
         return self._repaint_fns[setting]
 
-    def uncertainty_head(self) -> tuple[Any, Callable]:
-        """(head parameters on the devices, jitted predict) of the run's uncertainty head.
+    def uncertainty_head(self) -> runs.UncertaintyHead:
+        """The run's uncertainty head, its parameters replicated over the devices.
 
         Raises `runs.MissingUncertaintyHeadError` (naming the command that trains one) without one.
         """
         if self._head is None:
             head = runs.load_uncertainty(self.run)
-            predict = jax.jit(runs.log_error_fn(self.run.model, head.head))
-            self._head = (jax.device_put(head.params, self.replicated), predict)
+            params = jax.device_put(head.params, self.replicated)
+            self._head = dataclasses.replace(head, params=params)
         return self._head
+
+    def adaptive_pool(self) -> "AdaptivePool":
+        """The pool behind `adaptive`: the backbone's features feed the run's head."""
+        if self._pool is None:
+            model, head = self.run.model, self.uncertainty_head().head
+
+            def predict(params, z, levels, labels):
+                return model.apply({"params": params[0]}, z, levels, labels, return_features=True)
+
+            def log_error(params, features, levels):
+                return head.apply({"params": params[1]}, features, levels)
+
+            self._pool = AdaptivePool(
+                predict,
+                log_error,
+                batch=self.batch,
+                image_shape=self.run.image_shape,
+                schedule=self.run.schedule,
+                prediction=self.run.prediction,
+                num_classes=self.run.num_classes,
+                sharding=self.sharded,
+            )
+        return self._pool
 
     # -- the DDIM sampler along a plan --------------------------------------------------------
 
@@ -466,7 +516,8 @@ class Sampler:
         min_steps: int | None = None,
         images: np.ndarray | None = None,
         known: np.ndarray | None = None,
-        align: str = "end",
+        align: str = "start",
+        reestimate_every: int = 10,
         difficulty_low: float | None = None,
         difficulty_high: float | None = None,
         labels: np.ndarray | None = None,
@@ -477,16 +528,22 @@ class Sampler:
     ) -> Samples:
         """Uncertainty-guided sampling with the run's head (`python -m apd.train_uncertainty`).
 
-        The head predicts each pixel's log squared error at the start state (the noise, and the
-        known pixels of `images` where `known` is given: adaptive inpainting);
-        `plans.difficulty_from_log_error` maps it to [0, 1] (per image, or by the absolute range
-        difficulty_low..difficulty_high) and pixel i takes round(min_steps + (steps - min_steps)
-        d_i) steps. min_steps defaults to `default_min_steps(steps)`.
+        `AdaptivePool` with `AdaptiveRule((min_steps, steps), low, high, reestimate_every,
+        align)`: the head predicts each pixel's log squared error at the image's first step (the
+        noise, and the known pixels of `images` where `known` is given: adaptive inpainting) and
+        every `reestimate_every` steps after (0: never); d = clip((e - low) / (high - low)) with
+        (low, high) the head's calibrated range (`difficulty_range`; difficulty_low/high
+        override it), and a pixel with level t left takes round((min_steps + (steps -
+        min_steps) d) t) more steps (capped so that no image takes more than `steps`). An image
+        costs as many network calls as its slowest pixel takes steps; a done image's slot takes
+        the next one. min_steps defaults to `default_min_steps(steps)`.
 
-        Extras: steps_per_pixel int32 [N, H, W] (0 for known pixels) and log_error float32
-        [N, H, W], the head's prediction.
+        Extras: network_calls int32 [N] (each image's steps), steps_per_pixel int32 [N, H, W] (0
+        for known pixels) and log_error float32 [N, H, W] (the head's prediction at the first
+        step). `costs` holds one `Cost` for the pool: its network_calls are the pool's steps, so
+        the forward passes of one image are network_calls x batch.
         """
-        low = default_min_steps(steps) if min_steps is None else min_steps
+        n_min = default_min_steps(steps) if min_steps is None else min_steps
         if (images is None) != (known is None):
             raise ValueError(
                 "adaptive inpainting takes images and known masks together; got "
@@ -495,29 +552,18 @@ class Sampler:
             )
         if known is not None:
             known = self._check_known(known)
-        head_params, predict = self.uncertainty_head()
-
-        def make_plan(key, x, noise, lab, ms):
-            if ms is None:
-                start = jnp.ones((self.batch, *self.grid), jnp.float32)
-            else:
-                start = 1.0 - jnp.asarray(ms, jnp.float32)
-            x0 = jnp.zeros_like(noise) if x is None else x
-            z0 = sampling.noised(x0, start, noise, self.run.schedule)
-            log_error = predict(self.params, head_params, z0, start, lab)
-            difficulty = plans.difficulty_from_log_error(
-                log_error, start > 0, low=difficulty_low, high=difficulty_high
-            )
-            plan = plans.adaptive(lambda _: difficulty, (low, steps), start, align=align)
-            return plan, {"steps_per_pixel": steps_per_pixel(plan), "log_error": log_error}
-
-        return self._sample(
+            images = self._check_images(images)
+        head = self.uncertainty_head()
+        low, high = difficulty_range(head, difficulty_low, difficulty_high)
+        rule = AdaptiveRule((n_min, steps), low, high, reestimate_every, align)
+        return self.adaptive_pool().run(
+            (self.params, head.params),
             num,
-            seed,
-            make_plan,
+            rule,
+            seed=seed,
             images=images,
+            known=known,
             labels=labels,
-            inputs=(known,),
             eta=eta,
             cfg_scale=cfg_scale,
             input_guidance=input_guidance,
@@ -547,3 +593,458 @@ class Sampler:
             outputs.append(np.asarray(fn(self.params, x, ms, k_sample, lab))[:n])
             self._log(len(outputs), known.shape[0], n, cost)
         return self._collect(outputs, [cost] * len(outputs), [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Adaptive sampling: re-estimated step counts in a continuously refilled pool
+# ---------------------------------------------------------------------------------------------
+
+# (params, z [N, H, W, C], levels [N, H, W], labels [N] or None) -> (prediction like z, features)
+Predict = Callable[[Any, Array, Array, Array | None], tuple[Array, Any]]
+# (params, features of the first B rows, levels [B, H, W]) -> predicted log squared error [B, H, W]
+LogError = Callable[[Any, Any, Array], Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveRule:
+    """The step-count rule of adaptive sampling (`plans.adaptive_counts`, `adaptive_advance`).
+
+    A predicted log error e maps to the difficulty d = clip((e - low) / (high - low), 0, 1); a
+    token with a fraction f of its way still ahead gets max(1, round((n_min + (n_max - n_min) d)
+    f)) more steps, at most n_max minus the steps its image has taken (so no image takes more
+    than n_max network calls). The counts are computed at an image's first step and again every
+    `reestimate_every` of its steps (0: only at the first), from the head's prediction at the
+    state of that step.
+
+    align (`plans.adaptive_advance`): 'start' (default), every pixel moves from the first step
+    and easy ones finish early; 'end', a pixel waits at its start level until its count is the
+    image's largest. With re-estimation, 'end' re-estimates the waiting pixels at level 1, where
+    predicted errors are the highest of all levels: their counts rise to the cap and the image
+    takes n_max calls, so 'end' saves calls only with reestimate_every=0.
+    """
+
+    budget: tuple[int, int]  # (n_min, n_max)
+    low: float  # log error of difficulty 0
+    high: float  # log error of difficulty 1
+    reestimate_every: int = 10
+    align: str = "start"
+
+    def __post_init__(self):
+        plans.check_budget(self.budget)
+        checks.check_choice("adaptive align", self.align, plans.ALIGNS)
+        every = self.reestimate_every
+        if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 0:
+            raise ValueError(f"reestimate_every must be an int >= 0 (0: never); got {every!r}.")
+        if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low < self.high):
+            raise ValueError(
+                f"the difficulty range needs finite low < high (log errors); got low={self.low!r}, "
+                f"high={self.high!r}."
+            )
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=[
+        "z",
+        "levels",
+        "counts",
+        "update",
+        "moves",
+        "log_error",
+        "labels",
+        "image",
+        "age",
+        "active",
+    ],
+    meta_fields=[],
+)
+@dataclasses.dataclass(frozen=True)
+class PoolState:
+    """The pool's slots (B of them), on the devices, split along the slot axis."""
+
+    z: Array  # [B, H, W, C] float32, the current state
+    levels: Array  # [B, H, W] float32, each pixel's level now
+    counts: Array  # [B, H, W] int32, each pixel's remaining steps (0: at level 0)
+    update: Array  # [B, H, W] bool, False for known pixels (and every pixel of an empty slot)
+    moves: Array  # [B, H, W] int32, the steps in which each pixel's level fell so far
+    log_error: Array  # [B, H, W] float32, the head's prediction at the image's first step
+    labels: Array  # [B] int32 (ignored without labels)
+    image: Array  # [B] int32, the index of the slot's image (-1: empty)
+    age: Array  # [B] int32, the steps the slot's image has taken: its network calls so far
+    active: Array  # [B] bool, the slot holds an image that is not done
+
+
+class AdaptivePool:
+    """Uncertainty-guided sampling with re-estimation and continuous batching.
+
+    A fixed pool of `batch` slots runs one jitted step after another. In each step the network
+    runs once on every slot (all guidance branches in one batched call, `guidance`), and every
+    pixel moves by `plans.adaptive_advance` with its own remaining step count, with per-pixel
+    DDIM (`ddim.ddim_step`). In a slot's first step and every `rule.reestimate_every` steps
+    after, the head reads the features of that same call (the first B rows: the actual state and
+    labels; no extra backbone call) and the counts of the still-noisy pixels are recomputed
+    (`plans.adaptive_counts`, scaled by the level each pixel has left). An image is done when
+    every pixel is at level 0; its slot then takes the next image, with fresh noise. Known pixels
+    (inpainting) start and stay at level 0, bit for bit.
+
+    Costs: the whole run makes (pool steps) batched network calls, i.e. pool steps x batch
+    forward passes of one image; image j's own count is the steps it spent in a slot (int32
+    `network_calls` [N] in the extras). The difference is the idle slots at the end of the run,
+    when fewer than `batch` images are left.
+
+    Randomness: image j draws from fold_in(k, j), with k the first half of split(key(seed)):
+    its start noise from fold_in(., 0), its DDIM noise of its own step a from fold_in(., a + 1).
+    An image's result therefore does not depend on the batch or on the other images (up to the
+    floating-point effects of the batch size on the network); only input guidance's noisier
+    context is drawn per pool step, from the second half.
+    """
+
+    def __init__(
+        self,
+        predict: Predict,
+        log_error: LogError,
+        *,
+        batch: int,
+        image_shape: tuple[int, int, int],
+        schedule,
+        prediction: str,
+        num_classes: int = 0,
+        sharding: jax.sharding.Sharding | None = None,
+    ):
+        """
+        Args:
+          predict: the backbone: (params, z, levels, labels) -> (prediction, features).
+          log_error: the head: (params, features, levels) -> predicted log squared error.
+          batch: the number of slots.
+          image_shape: (H, W, C).
+          schedule, prediction: the model's noise schedule and prediction type.
+          num_classes: classes of a class-conditional model (0: unconditional).
+          sharding: where the slot arrays live (split along the slot axis); default one device.
+        """
+        checks.check_choice("prediction type", prediction, corruption.PREDICTIONS)
+        if prediction == "eps" and sampling_inputs.alpha_at_noise(schedule) == 0.0:
+            raise sampling_inputs.eps_at_noise_error("adaptive sampling starts at level 1")
+        self.predict, self.log_error = predict, log_error
+        self.batch = _check_count("batch", batch)
+        self.image_shape = tuple(image_shape)
+        self.schedule, self.prediction, self.num_classes = schedule, prediction, num_classes
+        self.sharding = sharding
+        self._step = jax.jit(
+            self._step_impl, static_argnames=("rule", "branches", "has_labels", "match")
+        )
+        self._refill = jax.jit(self._refill_impl)
+
+    def put(self, arr):
+        return jnp.asarray(arr) if self.sharding is None else jax.device_put(arr, self.sharding)
+
+    # -- the jitted step and refill -------------------------------------------------------------
+
+    def _step_impl(
+        self,
+        params: Any,
+        state: PoolState,
+        key: Array,
+        pool_step: Array,
+        eta: Array,
+        cfg_scale: Array,
+        input_scale: Array,
+        level: Array,
+        *,
+        rule: AdaptiveRule,
+        branches: guidance.Branches,
+        has_labels: bool,
+        match: bool,
+    ) -> tuple[PoolState, Array]:
+        k_images, k_context = jax.random.split(key)
+        rows = state.z.shape[0]
+        shape = state.z.shape[1:]
+        step_keys = jax.vmap(
+            lambda i, a: jax.random.fold_in(jax.random.fold_in(k_images, i), a + 1)
+        )(jnp.maximum(state.image, 0), state.age)
+        t, z, update = state.levels, state.z, state.update
+        labels = state.labels if has_labels else None
+
+        captured = []
+
+        def denoise(z_all, t_all, labels_all):
+            pred, features = self.predict(params, z_all, t_all, labels_all)
+            captured.append(features)
+            return pred
+
+        # One batched call: its first B rows are the actual state with the given labels
+        # (`guidance.guided_prediction` puts that branch first), whose features the head reads.
+        pred = guidance.guided_prediction(
+            denoise,
+            z,
+            t,
+            update,
+            labels,
+            jax.random.fold_in(k_context, pool_step),
+            branches=branches,
+            num_classes=self.num_classes,
+            cfg_scale=cfg_scale,
+            input_scale=input_scale,
+            level=None if match else level,
+            schedule=self.schedule,
+        )
+        if len(captured) != 1:
+            raise AssertionError(f"expected one batched network call per step; got {len(captured)}")
+        features = jax.tree.map(lambda f: f[:rows], captured[0])
+
+        if rule.reestimate_every:
+            reestimate = state.active & (state.age % rule.reestimate_every == 0)
+        else:
+            reestimate = state.active & (state.age == 0)
+
+        def estimate():
+            log_error = self.log_error(params, features, t).astype(jnp.float32)
+            difficulty = plans.difficulty_from_log_error(
+                log_error, update, low=rule.low, high=rule.high
+            )
+            counts = plans.adaptive_counts(difficulty, t, rule.budget)
+            return log_error, jnp.minimum(counts, (rule.budget[1] - state.age)[:, None, None])
+
+        def skip():
+            return jnp.zeros(t.shape, jnp.float32), jnp.zeros(t.shape, jnp.int32)
+
+        log_error, fresh = jax.lax.cond(jnp.any(reestimate), estimate, skip)
+        counts = jnp.where(reestimate[:, None, None], fresh, state.counts)
+        first = (state.active & (state.age == 0))[:, None, None]
+
+        s, counts = plans.adaptive_advance(t, counts, rule.align)
+        x_hat, eps_hat = corruption.to_x_eps(pred, z, t, self.schedule, self.prediction)
+        noise = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(step_keys)
+        z_next = ddim.ddim_step(z, x_hat, eps_hat, t, s, noise, eta, self.schedule)
+        axes = tuple(range(1, counts.ndim))
+        new = dataclasses.replace(
+            state,
+            z=jnp.where(update[..., None], z_next, z),
+            levels=s,
+            counts=counts,
+            moves=state.moves + (s < t).astype(jnp.int32),
+            log_error=jnp.where(first, log_error, state.log_error),
+            age=state.age + state.active.astype(jnp.int32),
+        )
+        done = state.active & jnp.all(counts == 0, axis=axes)
+        return dataclasses.replace(new, active=state.active & ~done), done
+
+    def _refill_impl(
+        self,
+        state: PoolState,
+        key: Array,
+        replace: Array,
+        image: Array,
+        x: Array,
+        known: Array,
+        labels: Array,
+    ) -> PoolState:
+        """Slots with replace True take image `image` (-1: become empty) with fresh noise."""
+        k_images = jax.random.split(key)[0]
+        noise = jax.vmap(
+            lambda i: jax.random.normal(
+                jax.random.fold_in(jax.random.fold_in(k_images, i), 0), x.shape[1:], jnp.float32
+            )
+        )(jnp.maximum(image, 0))
+        active = image >= 0
+        update = ~known & active[:, None, None]
+        start = update.astype(jnp.float32)
+        zeros = jnp.zeros(start.shape, jnp.int32)
+        new = PoolState(
+            z=ddim.noised(x, start, noise, self.schedule),
+            levels=start,
+            counts=update.astype(jnp.int32),  # replaced by the estimate of the first step
+            update=update,
+            moves=zeros,
+            log_error=jnp.zeros(start.shape, jnp.float32),
+            labels=labels,
+            image=image,
+            age=jnp.zeros_like(image),
+            active=active,
+        )
+
+        def pick(a, b):
+            return jnp.where(replace.reshape(-1, *(1,) * (a.ndim - 1)), a, b)
+
+        return jax.tree.map(pick, new, state)
+
+    # -- the host loop --------------------------------------------------------------------------
+
+    def run(
+        self,
+        params: Any,
+        num: int,
+        rule: AdaptiveRule,
+        *,
+        seed: int = 0,
+        images: np.ndarray | None = None,
+        known: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+        eta: float = 0.25,
+        cfg_scale: float = 0.0,
+        input_guidance: float = 0.0,
+        context_level: str | float = "match",
+    ) -> Samples:
+        """Samples `num` images (inpaints them where `known` is given) by the rule.
+
+        Args:
+          params: the parameters `predict` and `log_error` take.
+          num: the number of images.
+          rule: the step-count rule.
+          seed: see the class docstring.
+          images: float32 [num, H, W, C], the known pixels' values (with `known`).
+          known: [num, H, W] bool or 0/1, True = known (kept exactly), or None: generate all.
+          labels: int32 [num] in [0, num_classes], or None.
+          eta, cfg_scale, input_guidance, context_level: as in `apd.sampling.sample`.
+        Returns:
+          `Samples`: images [num, H, W, C]; one `Cost` for the pool (network_calls = pool
+          steps); extras network_calls int32 [num] (the image's steps), steps_per_pixel int32
+          [num, H, W] (0 for known pixels) and log_error float32 [num, H, W] (the head's
+          prediction at the image's first step; NaN for an image with nothing to generate).
+        """
+        num = _check_count("the number of images", num)
+        H, W, C = self.image_shape
+        if (images is None) != (known is None):
+            raise ValueError(
+                "adaptive inpainting takes images and known masks together; got "
+                f"images={'set' if images is not None else None}, "
+                f"known={'set' if known is not None else None}."
+            )
+        if images is None:
+            images = np.zeros((num, H, W, C), np.float32)
+            known = np.zeros((num, H, W), bool)
+        images, known = np.asarray(images, np.float32), np.asarray(known) != 0
+        if images.shape != (num, H, W, C) or known.shape != (num, H, W):
+            raise ValueError(
+                f"adaptive inpainting needs images [{num}, {H}, {W}, {C}] and known masks "
+                f"[{num}, {H}, {W}]; got shapes {images.shape} and {known.shape}."
+            )
+        has_labels = labels is not None
+        branches = sampling_inputs.guidance_branches(
+            cfg_scale, input_guidance, labels, self.num_classes
+        )
+        if has_labels:
+            labels = np.asarray(sampling_inputs.check_labels(labels, num, self.num_classes))
+        sampling_inputs.check_scalar("eta", eta, 0.0, 1.0)
+        sampling_inputs.check_scalar("cfg_scale", cfg_scale)
+        sampling_inputs.check_scalar("input_guidance", input_guidance)
+        match = isinstance(context_level, str)
+        if match:
+            checks.check_choice("context_level", context_level, ("match",))
+        else:
+            sampling_inputs.check_scalar("context_level", context_level, 0.0, 1.0)
+
+        B = self.batch
+        key = jax.random.key(seed)
+        scalars = [sampling_inputs.f32(v) for v in (eta, cfg_scale, input_guidance)]
+        scalars.append(sampling_inputs.f32(0.0 if match else context_level))
+        out = np.zeros((num, H, W, C), np.float32)
+        calls = np.zeros(num, np.int32)
+        steps_per_pixel = np.zeros((num, H, W), np.int32)
+        first_log_error = np.full((num, H, W), np.nan, np.float32)
+        # An image with nothing to generate is done before it takes a slot.
+        todo = []
+        for j in range(num):
+            if known[j].all():
+                out[j] = images[j]
+            else:
+                todo.append(j)
+        queue = iter(todo)
+
+        state, slot_image = self._fill(
+            self._empty_state(), key, np.ones(B, bool), queue, images, known, labels
+        )
+        pool_steps, finished = 0, num - len(todo)
+        while (slot_image >= 0).any():
+            state, done = self._step(
+                params,
+                state,
+                key,
+                jnp.int32(pool_steps),
+                *scalars,
+                rule=rule,
+                branches=branches,
+                has_labels=has_labels,
+                match=match,
+            )
+            pool_steps += 1
+            done = np.asarray(done)
+            if not done.any():
+                continue
+            z, moves, log_error, age = jax.device_get(
+                (state.z, state.moves, state.log_error, state.age)
+            )
+            for slot in np.flatnonzero(done):
+                j = slot_image[slot]
+                out[j], steps_per_pixel[j] = z[slot], moves[slot]
+                first_log_error[j], calls[j] = log_error[slot], age[slot]
+            finished += int(done.sum())
+            state, refilled = self._fill(state, key, done, queue, images, known, labels)
+            slot_image = np.where(done, refilled, slot_image)
+            logging.log_every_n_seconds(
+                logging.INFO,
+                "Sampled %d/%d adaptively (%d pool steps).",
+                10,
+                finished,
+                num,
+                pool_steps,
+            )
+        cost = sampling.Cost(pool_steps, pool_steps * branches.count, B * branches.count)
+        logging.info(
+            "Adaptive sampling: %d images in %d pool steps of %d slots (%d forward passes, "
+            "%.1f per image).",
+            num,
+            pool_steps,
+            B,
+            pool_steps * B,
+            calls.mean(),
+        )
+        extras = {
+            "network_calls": calls,
+            "steps_per_pixel": steps_per_pixel,
+            "log_error": first_log_error,
+        }
+        return Samples(out, (cost,), extras)
+
+    def _empty_state(self) -> PoolState:
+        H, W, C = self.image_shape
+        B = self.batch
+        grid = np.zeros((B, H, W), np.float32)
+        state = PoolState(
+            z=np.zeros((B, H, W, C), np.float32),
+            levels=grid,
+            counts=grid.astype(np.int32),
+            update=grid.astype(bool),
+            moves=grid.astype(np.int32),
+            log_error=grid,
+            labels=np.zeros(B, np.int32),
+            image=np.full(B, -1, np.int32),
+            age=np.zeros(B, np.int32),
+            active=np.zeros(B, bool),
+        )
+        return jax.tree.map(self.put, state)
+
+    def _fill(
+        self,
+        state: PoolState,
+        key: Array,
+        replace: np.ndarray,
+        queue: Iterator[int],
+        images: np.ndarray,
+        known: np.ndarray,
+        labels: np.ndarray | None,
+    ) -> tuple[PoolState, np.ndarray]:
+        """Gives each slot with replace True the next image of the queue, or makes it empty when
+        the queue is exhausted; returns the new state and each slot's new image (-1: empty)."""
+        H, W, C = self.image_shape
+        B = self.batch
+        image = np.full(B, -1, np.int32)
+        x = np.zeros((B, H, W, C), np.float32)
+        mask = np.ones((B, H, W), bool)
+        lab = np.zeros(B, np.int32)
+        for slot in np.flatnonzero(replace):
+            j = next(queue, -1)
+            if j >= 0:
+                image[slot], x[slot], mask[slot] = j, images[j], known[j]
+                lab[slot] = 0 if labels is None else labels[j]
+        arrays = (np.asarray(replace, bool), image, x, mask, lab)
+        return self._refill(state, key, *(self.put(a) for a in arrays)), image

@@ -20,7 +20,7 @@ import json
 import logging as pylogging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -266,27 +266,6 @@ def load_uncertainty(run: Run) -> UncertaintyHead:
         )
     head = models.UncertaintyHead(**info["head"])
     return UncertaintyHead(head, restore_tree(os.path.join(directory, "params")), info)
-
-
-def log_error_fn(
-    model: nn.Module, head: nn.Module
-) -> Callable[[Any, Any, Array, Array, Array | None], Array]:
-    """`predict(backbone_params, head_params, z, levels, labels) -> log squared error`.
-
-    The backbone runs on (z [B, H, W, C], levels [B, H, W], labels [B] or None) with
-    `return_features=True`; the head maps its features and the level map to the predicted
-    per-pixel log of the mean over channels of (x_hat - x)^2, [B, H, W] float32.
-    """
-
-    def predict(
-        backbone_params: Any, head_params: Any, z: Array, levels: Array, labels: Array | None
-    ) -> Array:
-        _, features = model.apply(
-            {"params": backbone_params}, z, levels, labels, return_features=True
-        )
-        return head.apply({"params": head_params}, features, levels)
-
-    return predict
 
 
 def parse_binary_flags(

@@ -20,12 +20,17 @@ Plans:
                   is not used: the plan has (K^2 - 1)(steps_per_group - overlap) +
                   steps_per_group steps).
   adaptive        uncertainty-guided: needs a trained head (python -m apd.train_uncertainty).
-                  The head predicts each pixel's log squared error at the START state (the
-                  noise, and the known pixels with --mask: adaptive inpainting), the one state
-                  seen before any step; `plans.difficulty_from_log_error` maps it to [0, 1] (per
-                  image from its easiest to its hardest pixel, or by --difficulty_low/high) and
-                  pixel i gets round(min_steps + (steps - min_steps) * d_i) steps (--align).
-                  The network-call count is printed next to the synchronous plan's.
+                  The head predicts each pixel's log squared error e at an image's first step
+                  (the noise, and the known pixels with --mask: adaptive inpainting) and every
+                  --reestimate_every steps after (0: never), from the features of that step's
+                  own network call; d = clip((e - low) / (high - low), 0, 1) with the head's
+                  calibrated range (head.json `calibration`, or --difficulty_low/high), and a
+                  pixel with level t left takes round((min_steps + (steps - min_steps) d) t)
+                  more steps, moving linearly to 0 (--align). An image is done when all its
+                  pixels are; its slot in the pool of --batch slots then takes the next image
+                  (`run_sampler.AdaptivePool`). The output states each image's network calls,
+                  their mean, and the forward passes of the run (pool steps x batch) next to
+                  the synchronous plan's.
   repaint         the RePaint baseline (--jump, --resample; eta 1) on --mask (default half).
 
 Masks (1 = known; the families of `apd.evaluation.masks`, drawn per image from --seed; the first
@@ -42,13 +47,15 @@ Labels (class-conditional models): auto (the images' labels for plans with input
 random), random, data, null (unconditional), or class ids '3' / '0,1,2' (repeated cyclically).
 
 Sampling goes through `apd.run_sampler.Sampler` (chunks of --batch, the last one padded; chunk
-i draws from fold_in(key(--seed), i)), so the same call from a notebook gives the same arrays.
+i draws from fold_in(key(--seed), i); adaptive: a pool of --batch slots, image i drawing from
+its own key), so the same call from a notebook gives the same arrays.
 
 Output in --out: samples.png (the grid; inputs with masks, strength or step-count maps beside
 the samples where the plan has them), samples.npz (samples uint8 [N, H, W, C] and
 samples_float float32 in [-1, 1]; labels, inputs, inputs_float, masks (1 = known), strength,
-steps_per_pixel and log_error where relevant) and sample_info.json (checkpoint step, plan and
-its options, steps, eta, guidance, labels, network calls from `sample_cost`, seed).
+steps_per_pixel, log_error and network_calls (per image) where relevant) and sample_info.json
+(checkpoint step, plan and its options, steps, eta, guidance, labels, network calls from
+`sample_cost` (adaptive: the pool's, and the `adaptive` block), seed).
 """
 
 import dataclasses
@@ -96,7 +103,8 @@ class Options:
     order: str = "raster"
     overlap: int = 0
     min_steps: int | None = None  # None: 2 * steps // 5
-    align: str = "end"
+    align: str = "start"
+    reestimate_every: int = 10
     difficulty_low: float | None = None
     difficulty_high: float | None = None
     jump: int = 10
@@ -139,7 +147,15 @@ def _define_flags() -> None:
     flags.DEFINE_integer(
         "min_steps", None, "Adaptive: fewest steps (default 2 steps/5).", flag_values=f
     )
-    flags.DEFINE_string("align", d.align, "Adaptive: end|start.", flag_values=f)
+    flags.DEFINE_string(
+        "align", d.align, "Adaptive: start|end (see apd.run_sampler.AdaptiveRule).", flag_values=f
+    )
+    flags.DEFINE_integer(
+        "reestimate_every",
+        d.reestimate_every,
+        "Adaptive: steps between difficulty estimates (0: only at the first step).",
+        flag_values=f,
+    )
     flags.DEFINE_float(
         "difficulty_low", None, "Adaptive: log error of difficulty 0.", flag_values=f
     )
@@ -179,6 +195,10 @@ def check_options(options: Options) -> None:
         raise ValueError(
             "--difficulty_low and --difficulty_high go together (an absolute log-error range); "
             f"got {options.difficulty_low!r} and {options.difficulty_high!r}."
+        )
+    if not (isinstance(options.reestimate_every, int) and options.reestimate_every >= 0):
+        raise ValueError(
+            f"--reestimate_every must be an integer >= 0; got {options.reestimate_every!r}."
         )
     if options.min_steps is not None and not 1 <= options.min_steps <= options.steps:
         raise ValueError(
@@ -278,6 +298,7 @@ def sample_plan(
             images=inputs,
             known=masks,
             align=o.align,
+            reestimate_every=o.reestimate_every,
             difficulty_low=o.difficulty_low,
             difficulty_high=o.difficulty_high,
             **guided,
@@ -292,8 +313,12 @@ def run(options: Options) -> dict:
     loaded = runs.load(options.workdir, export_dir=options.export, step=options.step)
     eta = options.eta if options.eta is not None else 1.0 if options.plan == "repaint" else 0.25
     sampler = run_sampler.Sampler(loaded, batch=min(options.batch, options.num))
-    if options.plan == "adaptive":
-        sampler.uncertainty_head()  # fails here, before any input is read, without a head
+    difficulty = None
+    if options.plan == "adaptive":  # fails here, before any input is read, without a head
+        head = sampler.uncertainty_head()  # or without its calibration and no range given
+        difficulty = run_sampler.difficulty_range(
+            head, options.difficulty_low, options.difficulty_high
+        )
 
     # Per-sample inputs: images, masks, strength maps, labels.
     num, grid = options.num, sampler.grid
@@ -330,7 +355,8 @@ def run(options: Options) -> dict:
     np.savez_compressed(os.path.join(options.out, "samples.npz"), **arrays)
     _write_png(os.path.join(options.out, "samples.png"), options, arrays)
 
-    info = _info(options, loaded, eta, list(result.costs), arrays, time.perf_counter() - t_start)
+    seconds = time.perf_counter() - t_start
+    info = _info(options, loaded, eta, list(result.costs), arrays, seconds, difficulty)
     with open(os.path.join(options.out, "sample_info.json"), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2, sort_keys=True)
     return info
@@ -359,12 +385,20 @@ def _info(
     costs: list[sampling.Cost],
     arrays: dict[str, np.ndarray],
     seconds: float,
+    difficulty: tuple[float, float] | None,
 ) -> dict[str, Any]:
     plan_options = {
         "inpaint": ("mask",),
         "edit": ("strength",),
         "autoregressive": ("patches", "steps_per_group", "order", "overlap"),
-        "adaptive": ("mask", "min_steps", "align", "difficulty_low", "difficulty_high"),
+        "adaptive": (
+            "mask",
+            "min_steps",
+            "align",
+            "reestimate_every",
+            "difficulty_low",
+            "difficulty_high",
+        ),
         "repaint": ("mask", "jump", "resample"),
     }.get(options.plan, ())
     plan = {name: getattr(options, name) for name in plan_options}
@@ -404,16 +438,45 @@ def _info(
         "seconds": seconds,
     }
     if options.plan == "adaptive":
-        sync = sampling.sample_cost(
-            plans.synchronous(options.steps, 1, (1,)),
-            cfg_scale=options.cfg_scale,
-            input_guidance=options.input_guidance,
-        )
-        steps = arrays["steps_per_pixel"]
-        generated = steps[steps > 0]
-        info["synchronous_network_calls"] = sync.network_calls * len(costs)
-        info["mean_steps_per_pixel"] = float(generated.mean()) if generated.size else 0.0
+        info["adaptive"] = _adaptive_info(options, costs, arrays, difficulty)
     return info
+
+
+def _adaptive_info(
+    options: Options,
+    costs: list[sampling.Cost],
+    arrays: dict[str, np.ndarray],
+    difficulty: tuple[float, float],
+) -> dict[str, Any]:
+    """The adaptive run's cost per image and in all, next to the synchronous plan's.
+
+    A forward pass is one image through the network once (one guidance branch): the pool makes
+    pool steps x batch x branches of them, idle slots at the end included; the synchronous plan
+    with --steps steps makes chunks x steps x batch x branches (its last chunk padded).
+    """
+    (pool,) = costs
+    calls = arrays["network_calls"]
+    steps = arrays["steps_per_pixel"]
+    generated = steps[steps > 0]
+    batch = min(options.batch, options.num)
+    sync = sampling.sample_cost(
+        plans.synchronous(options.steps, batch, (1,)),
+        cfg_scale=options.cfg_scale,
+        input_guidance=options.input_guidance,
+    )
+    chunks = math.ceil(options.num / batch)
+    return {
+        "difficulty_range": list(difficulty),
+        "mean_calls_per_image": float(calls.mean()),
+        "min_calls_per_image": int(calls.min()),
+        "max_calls_per_image": int(calls.max()),
+        "pool_steps": pool.network_calls,
+        "forward_passes": pool.network_calls * pool.batch_per_call,
+        "image_forward_passes": int(calls.sum()) * (pool.batch_per_call // batch),
+        "mean_steps_per_pixel": float(generated.mean()) if generated.size else 0.0,
+        "synchronous_calls_per_image": options.steps,
+        "synchronous_forward_passes": chunks * sync.network_calls * sync.batch_per_call,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,11 +501,17 @@ def main(argv: Sequence[str]) -> None:
         f"{info['source']['checkpoint_step']}) in {options.out}: {calls['total']} network "
         f"calls ({info['steps']} per chunk of {info['batch']})"
     )
-    if "synchronous_network_calls" in info:
-        line += (
-            f"; the synchronous plan with {options.steps} steps takes "
-            f"{info['synchronous_network_calls']}; mean {info['mean_steps_per_pixel']:.1f} steps "
-            "per generated pixel"
+    if "adaptive" in info:
+        a = info["adaptive"]
+        line = (
+            f"{info['num']} samples (adaptive, checkpoint step "
+            f"{info['source']['checkpoint_step']}) in {options.out}: "
+            f"{a['mean_calls_per_image']:.1f} network calls per image on average (min "
+            f"{a['min_calls_per_image']}, max {a['max_calls_per_image']}; the synchronous plan: "
+            f"{a['synchronous_calls_per_image']}); {a['forward_passes']} forward passes in all "
+            f"({a['pool_steps']} pool steps x {calls['samples_per_call']}; the synchronous plan: "
+            f"{a['synchronous_forward_passes']}); mean {a['mean_steps_per_pixel']:.1f} steps per "
+            "generated pixel"
         )
     print(line)
 

@@ -14,11 +14,22 @@ with x_hat the backbone's x-prediction; the head reads the features and the leve
 fitted by mean squared error on that target. Only the head's parameters train.
 
 Output: DIR/uncertainty/ (see `apd.runs`): params/, opt_state/ and head.json with the backbone
-step and parameter hash, the head's attributes, the final training loss and a held-out
-evaluation on the test split (loss, target variance, R^2 = 1 - loss / variance). A relaunch
-with the same backbone and settings resumes up to --steps in all; a head trained against another
-backbone step or with other settings is replaced (or pass --restart). The directory is replaced
-only once the new head is written. A user error ends with one line
+step and parameter hash, the head's attributes, the final training loss, a held-out evaluation
+on the test split (loss, target variance, R^2 = 1 - loss / variance, Pearson and Spearman
+correlation of predicted and actual log error over pixels) and the head's calibration:
+
+    calibration.low, calibration.high   the 5% and 95% quantiles of the PREDICTED log error over
+                                        the held-out pixels (levels from the same level sampler)
+    calibration.by_level                the same quantiles per level bucket [k/10, (k+1)/10)
+
+The adaptive sampler's rule (`run_sampler.Sampler.adaptive`) maps a predicted log error e to
+the absolute difficulty clip((e - low) / (high - low), 0, 1): the same scale for every image and
+every state, so an image whose pixels are all predicted easy takes fewer network calls
+(`--difficulty_low/high` of `apd.sample` override the range). A relaunch with the same backbone
+and settings resumes up to --steps in all (a finished head without a calibration, from before it
+was recorded, is evaluated and calibrated without further training); a head trained against
+another backbone step or with other settings is replaced (or pass --restart). The directory is
+replaced only once the new head is written. A user error ends with one line
 `apd.train_uncertainty: error: ...` and exit code 1 (--verbose: traceback).
 """
 
@@ -27,7 +38,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -43,6 +54,8 @@ from apd import data as data_lib
 Array = jax.Array
 
 LOG_EPS = 1e-6  # added to the squared error before the log
+CALIBRATION_QUANTILES = (0.05, 0.95)  # of the predicted log error: difficulty 0 and 1
+LEVEL_BUCKETS = 10  # equal-width level buckets of the per-level calibration table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,12 +117,13 @@ def log_squared_error(x_hat: Array, x: Array, eps: float = LOG_EPS) -> Array:
 
 def make_loss_fn(
     run: runs.Run, head: models.UncertaintyHead, sampler: str, sampler_params: dict
-) -> Callable[..., tuple[Array, tuple[Array, Array]]]:
-    """`loss_fn(head_params, backbone_params, batch, key) -> (loss, (pred, target))`.
+) -> Callable[..., tuple[Array, tuple[Array, Array, Array]]]:
+    """`loss_fn(head_params, backbone_params, batch, key) -> (loss, (pred, target, levels))`.
 
     batch: {'image': [B, H, W, C] float32 in [-1, 1], 'label': [B] int32}. Level maps [B, H, W]
     come from the level sampler, noise and label dropout from `key`; pred and target are the
-    predicted and actual log squared errors [B, H, W] float32, loss their mean squared gap.
+    predicted and actual log squared errors [B, H, W] float32, loss their mean squared gap, and
+    levels the level maps [B, H, W] they were taken at.
     """
     grid = run.image_shape[:-1]
     sampler_params = dict(sampler_params)
@@ -129,7 +143,7 @@ def make_loss_fn(
         x_hat, _ = corruption.to_x_eps(out, z, level_map, run.schedule, run.prediction)
         target = jax.lax.stop_gradient(log_squared_error(x_hat, x))
         pred = head.apply({"params": head_params}, features, level_map)
-        return jnp.mean(jnp.square(pred - target)), (pred, target)
+        return jnp.mean(jnp.square(pred - target)), (pred, target, level_map)
 
     return loss_fn
 
@@ -219,16 +233,43 @@ def train(options: Options) -> dict:
                 directory,
                 existing.get("backbone", {}).get("step"),
             )
+    loss_fn = make_loss_fn(run, head, sampler, sampler_params)
     if start >= options.steps:
+        if "calibration" in existing:
+            logging.info(
+                "The head in %s has %d >= %d steps: nothing to do.", directory, start, options.steps
+            )
+            return existing
         logging.info(
-            "The head in %s has %d >= %d steps: nothing to do.", directory, start, options.steps
+            "The head in %s has %d steps but no calibration: evaluating it.", directory, start
         )
-        return existing
+        recent = [existing["final_loss"]]
+    else:
+        head_params, opt_state, recent = _fit(
+            run, loss_fn, tx, head_params, opt_state, options, start, key_train
+        )
 
     # ----------------------------------------------------------------------------------------
-    # Training.
+    # Held-out evaluation and calibration, and the atomic write of the new head.
     # ----------------------------------------------------------------------------------------
-    loss_fn = make_loss_fn(run, head, sampler, sampler_params)
+    evaluation, calibration = evaluate(
+        loss_fn, head_params, run.params, _eval_batches(run, options), key_eval
+    )
+    info = settings | {
+        "steps_done": max(start, options.steps),
+        "final_loss": float(np.mean(recent)),
+        "target": f"log(mean_c (x_hat - x)^2 + {LOG_EPS})",
+        "eval": evaluation,
+        "calibration": calibration,
+    }
+    save(directory, head_params, opt_state, info)
+    logging.info("Wrote the uncertainty head to %s: %s", directory, evaluation)
+    return info
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
+    """The jitted `step(head_params, opt_state, backbone_params, batch, key)` ->
+    (head_params, opt_state, loss): one optimizer step of the head on `loss_fn`."""
 
     @jax.jit
     def train_step(head_params, opt_state, backbone_params, batch, key):
@@ -238,6 +279,23 @@ def train(options: Options) -> dict:
         updates, opt_state = tx.update(grads, opt_state, head_params)
         return optax.apply_updates(head_params, updates), opt_state, loss
 
+    return train_step
+
+
+def _fit(
+    run: runs.Run,
+    loss_fn: Callable,
+    tx: optax.GradientTransformation,
+    head_params: Any,
+    opt_state: Any,
+    options: Options,
+    start: int,
+    key: Array,
+) -> tuple[Any, Any, list[float]]:
+    """Steps start..options.steps on the training split; returns the parameters, the optimizer
+    state and the losses of the last logging interval."""
+    train_step = make_train_step(loss_fn, tx)
+    device = jax.local_devices()[0]  # every array committed here: one compilation per program
     source = data_lib.get_source(
         run.config.data.name, "train", data_dir=run.config.data.data_dir, path=run.config.data.path
     )
@@ -255,7 +313,7 @@ def train(options: Options) -> dict:
     for step in range(start, options.steps):
         batch = jax.device_put(next(batches), device)
         head_params, opt_state, loss = train_step(
-            head_params, opt_state, run.params, batch, jax.random.fold_in(key_train, step)
+            head_params, opt_state, run.params, batch, jax.random.fold_in(key, step)
         )
         losses.append(loss)
         if (step + 1) % options.log_every == 0 or step + 1 == options.steps:
@@ -270,20 +328,7 @@ def train(options: Options) -> dict:
                 len(recent) / (time.perf_counter() - t0),
             )
             losses, t0 = [], time.perf_counter()
-
-    # ----------------------------------------------------------------------------------------
-    # Held-out evaluation and the atomic write of the new head.
-    # ----------------------------------------------------------------------------------------
-    evaluation = evaluate(run, loss_fn, head_params, options, key_eval)
-    info = settings | {
-        "steps_done": options.steps,
-        "final_loss": float(np.mean(recent)),
-        "target": f"log(mean_c (x_hat - x)^2 + {LOG_EPS})",
-        "eval": evaluation,
-    }
-    save(directory, head_params, opt_state, info)
-    logging.info("Wrote the uncertainty head to %s: %s", directory, evaluation)
-    return info
+    return head_params, opt_state, recent
 
 
 def _init_head(
@@ -295,14 +340,12 @@ def _init_head(
     return jax.jit(head.init)(key, features, level_map)["params"]
 
 
-def evaluate(
-    run: runs.Run, loss_fn: Callable, head_params: Any, options: Options, key: Array
-) -> dict[str, float]:
-    """Loss, target variance and R^2 of the head on the first test images (fixed level maps)."""
+def _eval_batches(run: runs.Run, options: Options) -> Iterable[dict[str, np.ndarray]]:
+    """The first --eval_examples test images in batches of --batch (padding rows masked out)."""
     source = data_lib.get_source(
         run.config.data.name, "test", data_dir=run.config.data.data_dir, path=run.config.data.path
     )
-    dataset = data_lib.make_eval_dataset(
+    return data_lib.make_eval_dataset(
         source,
         global_batch_size=options.batch,
         num_examples=options.eval_examples,
@@ -311,33 +354,109 @@ def evaluate(
         process_count=1,
     )
 
+
+def evaluate(
+    loss_fn: Callable,
+    head_params: Any,
+    backbone_params: Any,
+    batches: Iterable[dict[str, np.ndarray]],
+    key: Array,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The head on held-out batches: (evaluation, calibration).
+
+    Batch i draws its level maps and noise from fold_in(key, i) (fixed, so a re-evaluation gives
+    the same numbers); rows with batch['mask'] False (padding) are left out.
+
+    Args:
+      loss_fn: from `make_loss_fn`.
+      batches: dicts {'image': [B, H, W, C] float32, 'label': [B] int32, 'mask': [B] bool}.
+    Returns:
+      evaluation: loss (mean squared gap of predicted and actual log error), target mean and
+        variance, R^2 = 1 - loss / variance, Pearson and Spearman correlation of predicted and
+        actual log error over all held-out pixels, the number of examples.
+      calibration: `calibrate` of the predicted log error.
+    """
+
     @jax.jit
-    def sums(head_params, backbone_params, batch, key):
-        _, (pred, target) = loss_fn(head_params, backbone_params, batch, key)
-        mask = batch["mask"].astype(jnp.float32)[:, None, None]
-        return (
-            jnp.sum(mask * jnp.square(pred - target)),
-            jnp.sum(mask * target),
-            jnp.sum(mask * jnp.square(target)),
-            jnp.sum(mask) * target.shape[1] * target.shape[2],
-        )
+    def predict(head_params, backbone_params, batch, key):
+        return loss_fn(head_params, backbone_params, batch, key)[1]
 
     device = jax.local_devices()[0]
-    totals = np.zeros(4)
-    for i, batch in enumerate(dataset):
-        batch = jax.device_put({k: batch[k] for k in ("image", "label", "mask")}, device)
-        key_i = jax.random.fold_in(key, i)
-        totals += np.asarray(jax.device_get(sums(head_params, run.params, batch, key_i)))
-    sq_err, total, total_sq, count = totals
-    loss = sq_err / count
-    variance = total_sq / count - (total / count) ** 2
-    return {
-        "loss": float(loss),
-        "target_mean": float(total / count),
-        "target_variance": float(variance),
-        "r2": float(1.0 - loss / variance) if variance > 0 else 0.0,
-        "examples": int(min(options.eval_examples, len(source))),
+    preds, targets, levels = [], [], []
+    examples = 0
+    for i, batch in enumerate(batches):
+        keep = np.asarray(batch["mask"], bool)
+        batch = jax.device_put({k: batch[k] for k in ("image", "label")}, device)
+        out = jax.device_get(
+            predict(head_params, backbone_params, batch, jax.random.fold_in(key, i))
+        )
+        for arrays, value in zip((preds, targets, levels), out, strict=True):
+            arrays.append(np.asarray(value, np.float64)[keep].ravel())
+        examples += int(keep.sum())
+    if not examples:
+        raise ValueError("the uncertainty head's evaluation got no held-out examples.")
+    pred, target, level = (np.concatenate(a) for a in (preds, targets, levels))
+    loss = float(np.mean(np.square(pred - target)))
+    variance = float(np.var(target))
+    evaluation = {
+        "loss": loss,
+        "target_mean": float(np.mean(target)),
+        "target_variance": variance,
+        "r2": 1.0 - loss / variance if variance > 0 else 0.0,
+        "pearson": _pearson(pred, target),
+        "spearman": _pearson(_ranks(pred), _ranks(target)),
+        "examples": examples,
     }
+    return evaluation, calibrate(pred, level)
+
+
+def calibrate(log_error: np.ndarray, levels: np.ndarray) -> dict[str, Any]:
+    """The range of predicted log errors that the adaptive sampler maps to difficulty [0, 1].
+
+    Args:
+      log_error: [P] predicted log squared errors of held-out pixels.
+      levels: [P] the levels they were predicted at.
+    Returns:
+      {'quantiles': CALIBRATION_QUANTILES, 'low', 'high': those quantiles of log_error over all
+      pixels, 'pixels': P, 'by_level': one entry {'levels': [a, b], 'low', 'high', 'pixels'} per
+      non-empty level bucket [a, b) of width 1 / LEVEL_BUCKETS (the last one closed)}.
+    """
+    q = list(CALIBRATION_QUANTILES)
+    low, high = np.quantile(log_error, q)
+    bucket = np.minimum((levels * LEVEL_BUCKETS).astype(np.int64), LEVEL_BUCKETS - 1)
+    by_level = []
+    for k in range(LEVEL_BUCKETS):
+        values = log_error[bucket == k]
+        if values.size:
+            lo, hi = np.quantile(values, q)
+            by_level.append(
+                {
+                    "levels": [k / LEVEL_BUCKETS, (k + 1) / LEVEL_BUCKETS],
+                    "low": float(lo),
+                    "high": float(hi),
+                    "pixels": int(values.size),
+                }
+            )
+    return {
+        "quantiles": q,
+        "low": float(low),
+        "high": float(high),
+        "pixels": int(log_error.size),
+        "by_level": by_level,
+    }
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """0-based ranks (ties broken by position: the values are continuous)."""
+    ranks = np.empty(values.size, np.float64)
+    ranks[np.argsort(values, kind="stable")] = np.arange(values.size)
+    return ranks
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denominator = np.sqrt(np.sum(a * a) * np.sum(b * b))
+    return float(np.sum(a * b) / denominator) if denominator > 0 else 0.0
 
 
 def save(directory: str, head_params: Any, opt_state: Any, info: dict) -> None:
@@ -375,10 +494,12 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(runs.quiet_orbax)
     info = train(runs.options_from_flags(_FLAGS, Options))
+    evaluation, calibration = info["eval"], info["calibration"]
     print(
         f"uncertainty head: {info['steps_done']} steps against backbone step "
-        f"{info['backbone']['step']}; held-out loss {info['eval']['loss']:.4f}, "
-        f"R^2 {info['eval']['r2']:.3f}"
+        f"{info['backbone']['step']}; held-out loss {evaluation['loss']:.4f}, "
+        f"R^2 {evaluation['r2']:.3f}, Spearman {evaluation['spearman']:.3f}; predicted log "
+        f"error range (difficulty 0..1) {calibration['low']:.3f}..{calibration['high']:.3f}"
     )
 
 

@@ -125,7 +125,10 @@ def test_adaptive(align):
     np.testing.assert_array_equal(lv[0], start)
     assert np.all(lv[-1] == 0.0)
     if align == "end":
-        assert np.all(lv[-2][start > 0] > 0)  # every updated token still moving at the end
+        # Every updated token of an image still moving at the image's last step (its largest
+        # n_i: 12 for the first image, 6 for the second).
+        for b, last in enumerate([12, 6]):
+            assert np.all(lv[last - 1, b][start[b] > 0] > 0) and np.all(lv[last, b] == 0)
     else:
         assert np.all(lv[4][np.asarray(n) == 4] == 0)  # easy tokens already clean
     # An easy batch (absolute difficulty < 1 everywhere) needs fewer calls.

@@ -85,8 +85,8 @@ def test_load_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def check_outputs(out, info, arrays, num):
-    """The common contract of the three files."""
+def check_outputs(out, info, arrays, num, chunks=2):
+    """The common contract of the three files (`chunks` costs: 2 chunks, or 1 adaptive pool)."""
     assert arrays["samples"].shape == (num, *GRID, 1) and arrays["samples"].dtype == np.uint8
     assert arrays["samples_float"].dtype == np.float32
     assert np.isfinite(arrays["samples_float"]).all()
@@ -96,7 +96,7 @@ def check_outputs(out, info, arrays, num):
         assert png.mode == "L" and min(png.size) >= 28
     calls = info["network_calls"]
     assert info["source"]["checkpoint_step"] == 2 and info["num"] == num
-    assert calls["total"] == sum(calls["per_chunk"]) and len(calls["per_chunk"]) == 2
+    assert calls["total"] == sum(calls["per_chunk"]) and len(calls["per_chunk"]) == chunks
     assert info["steps"] == max(calls["per_chunk"])
 
 
@@ -229,8 +229,21 @@ def test_uncertainty_head_then_adaptive(workdir, run, tmp_path):
     assert info["head"]["patch"] == 1 and info["levels"]["name"] == "asyncpatch"
     assert np.isfinite(info["final_loss"]) and info["eval"]["examples"] == 8
     assert info["eval"]["loss"] > 0 and info["eval"]["target_variance"] > 0
+    assert -1 <= info["eval"]["spearman"] <= 1
+    calibration = info["calibration"]
+    assert calibration["low"] < calibration["high"] and calibration["pixels"] == 8 * 28 * 28
     # A relaunch with the same settings restores the head (and its optimizer) and has no work.
     assert train_uncertainty.train(options) == info
+    # A head from before calibrations were recorded is calibrated without training.
+    head_json = os.path.join(head_dir, runs.UNCERTAINTY_JSON)
+    with open(head_json, encoding="utf-8") as f:
+        old = json.load(f)
+    del old["calibration"]
+    with open(head_json, "w", encoding="utf-8") as f:
+        json.dump(old, f)
+    with pytest.raises(ValueError, match="no calibration"):
+        run_sampler.Sampler(run, batch=2).adaptive(2, steps=4)
+    assert train_uncertainty.train(options)["calibration"] == calibration
 
     out = str(tmp_path / "adaptive")
     info, arrays = sample_main(
@@ -243,16 +256,23 @@ def test_uncertainty_head_then_adaptive(workdir, run, tmp_path):
         "--min_steps=2",
         "--mask=half",
     )
-    check_outputs(out, info, arrays, 4)
+    check_outputs(out, info, arrays, 4, chunks=1)
     steps, known = arrays["steps_per_pixel"], arrays["masks"] == 1
-    # Known pixels take no step and stay exact; generated ones take 2..6 steps, the hardest 6
-    # (difficulty normalised per image), so each chunk costs 6 calls like the synchronous plan.
-    assert (steps[known] == 0).all()
-    assert steps[~known].min() >= 2 and steps[~known].max() == 6
+    calls = arrays["network_calls"]
+    # Known pixels take no step and stay exact; every image takes at most --steps calls, and
+    # each of its generated pixels moves in at most that many of them.
+    assert (steps[known] == 0).all() and (steps[~known] >= 1).all()
+    assert calls.shape == (4,) and calls.min() >= 1 and calls.max() <= 6
+    assert (steps <= calls[:, None, None]).all()
     np.testing.assert_array_equal(arrays["samples_float"][known], arrays["inputs_float"][known])
-    assert info["network_calls"]["per_chunk"] == [6, 6]
-    assert info["synchronous_network_calls"] == 12
-    assert 2 <= info["mean_steps_per_pixel"] < 6
+    adaptive = info["adaptive"]
+    assert adaptive["difficulty_range"] == [calibration["low"], calibration["high"]]
+    assert adaptive["mean_calls_per_image"] == pytest.approx(calls.mean())
+    pool_steps = info["network_calls"]["total"]
+    assert adaptive["pool_steps"] == pool_steps and adaptive["forward_passes"] == 2 * pool_steps
+    assert calls.sum() == adaptive["image_forward_passes"] <= adaptive["forward_passes"]
+    assert adaptive["synchronous_forward_passes"] == 2 * 6 * 2  # 2 chunks x 6 steps x 2
+    assert 1 <= adaptive["mean_steps_per_pixel"] <= 6
     assert arrays["log_error"].shape == (4, *GRID)
 
 

@@ -1,0 +1,205 @@
+"""Adaptive sampling's network calls, and FID against synchronous DDIM at the same mean calls.
+
+    python benchmarks/adaptive_calls.py --workdir=W [--num=1000] [--steps=100] [--min_steps=N]
+        [--reestimate_every=10] [--align=start] [--batch=64] [--eta=0.25] [--labels=random]
+        [--seed=0] [--feature_dir=DIR] [--out=FILE.json]
+
+W is a Fashion-MNIST training run (`apd.train`) with an uncertainty head
+(`python -m apd.train_uncertainty --workdir=W`); the script stops with one line saying what is
+missing otherwise. With the run's EMA parameters at its latest checkpoint and the same labels
+and seed throughout:
+
+1. --num images adaptively (`run_sampler.Sampler.adaptive`: budget (--min_steps, --steps),
+   the head's calibrated difficulty range, re-estimation every --reestimate_every steps, a pool
+   of --batch slots): M = the mean network calls per image, and the forward passes of the run
+   (pool steps x batch, the idle slots at the end included).
+2. --num images with synchronous DDIM at round(M) steps (the same mean calls per image), and at
+   --steps steps (n_max: what every image cost before the adaptive pool), in chunks of --batch
+   (one row when round(M) = --steps).
+3. FID_FMNIST and KID of each set against the test split, with the evaluation's feature
+   network and scores (`apd.evaluation.protocol.fmnist_features`, `Features.scores`; the
+   network is trained into --feature_dir on first use, about three minutes on two CPU cores).
+
+Prints a table and writes JSON (`report.write`). FID from a few hundred images is biased
+upwards (KID is not); compare the rows with each other, at one --num.
+"""
+
+import argparse
+import math
+import os
+import time
+
+import numpy as np
+import report
+
+from apd import run_sampler, runs
+from apd.data import fashion_mnist
+from apd.evaluation import protocol
+
+
+def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, help="training run with an uncertainty head")
+    parser.add_argument("--num", type=int, default=1000, help="images per sampler")
+    parser.add_argument("--steps", type=int, default=100, help="n_max, the most steps per pixel")
+    parser.add_argument("--min_steps", type=int, default=None, help="n_min (default 2 steps/5)")
+    parser.add_argument("--reestimate_every", type=int, default=10, help="0: only at the start")
+    parser.add_argument("--align", default="start", choices=["start", "end"])
+    parser.add_argument("--batch", type=int, default=64, help="pool slots and chunk size")
+    parser.add_argument("--eta", type=float, default=0.25, help="DDIM eta")
+    parser.add_argument("--labels", default="random", help="random|null|class ids like 0,1,2")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kid_subsets", type=int, default=100, help="as evaluate.kid_subsets")
+    parser.add_argument("--kid_subset_size", type=int, default=1000, help="KID subset size")
+    parser.add_argument(
+        "--feature_dir",
+        default=os.path.join(
+            os.environ.get("APD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "apd")),
+            "features",
+            "fashion_mnist",
+        ),
+        help="Fashion-MNIST feature network (as apd.evaluate's --feature_dir)",
+    )
+    parser.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "adaptive_calls.json"),
+    )
+    args = parser.parse_args()
+    for name in ("num", "steps", "batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1; got {getattr(args, name)}.")
+    if args.min_steps is not None and not 1 <= args.min_steps <= args.steps:
+        parser.error(f"--min_steps must lie in [1, --steps={args.steps}]; got {args.min_steps}.")
+    if args.reestimate_every < 0:
+        parser.error(f"--reestimate_every must be >= 0; got {args.reestimate_every}.")
+    return parser, args
+
+
+def load(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[runs.Run, run_sampler.Sampler, dict]:
+    """The run, a sampler over it and its head's record; a clear one-line error for a workdir
+    without a checkpoint, a non-Fashion-MNIST run, or a run without a (calibrated) head."""
+    try:
+        run = runs.load(args.workdir)
+        if run.config.data.name != "fashion_mnist":
+            raise ValueError(
+                f"{args.workdir} is a {run.config.data.name!r} run; FID_FMNIST needs a "
+                "Fashion-MNIST run."
+            )
+        sampler = run_sampler.Sampler(run, batch=min(args.batch, args.num))
+        head = sampler.uncertainty_head()
+        run_sampler.difficulty_range(head)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    return run, sampler, head.info
+
+
+def main() -> None:
+    parser, args = parse_args()
+    run, sampler, head_info = load(parser, args)
+    labels = run_sampler.resolve_labels(args.labels, run.num_classes, args.num, args.seed)
+    min_steps = args.min_steps
+    if min_steps is None:
+        min_steps = run_sampler.default_min_steps(args.steps)
+    batch = sampler.batch
+
+    t0 = time.perf_counter()
+    adaptive = sampler.adaptive(
+        args.num,
+        steps=args.steps,
+        min_steps=min_steps,
+        align=args.align,
+        reestimate_every=args.reestimate_every,
+        labels=labels,
+        seed=args.seed,
+        eta=args.eta,
+    )
+    adaptive_seconds = time.perf_counter() - t0
+    calls = adaptive.extras["network_calls"]
+    mean_calls = float(calls.mean())
+    matched = max(1, round(mean_calls))
+
+    samples = {"adaptive": (adaptive.images, adaptive_seconds)}
+    chunks = math.ceil(args.num / batch)
+    synchronous_steps = sorted({matched, args.steps})  # one row when M rounds to n_max
+    for steps in synchronous_steps:
+        name = f"synchronous_{steps}"
+        t0 = time.perf_counter()
+        images = sampler.generate(
+            args.num, steps=steps, labels=labels, seed=args.seed, eta=args.eta
+        ).images
+        samples[name] = (images, time.perf_counter() - t0)
+
+    features = protocol.fmnist_features(
+        args.feature_dir, "test", run.config.data.path or fashion_mnist.DEFAULT_PATH
+    )
+    pool_steps = adaptive.network_calls
+    rows = [
+        {
+            "sampler": "adaptive",
+            "calls_per_image": mean_calls,
+            "calls_per_image_min": int(calls.min()),
+            "calls_per_image_max": int(calls.max()),
+            "forward_passes": pool_steps * batch,
+            "pool_steps": pool_steps,
+            "mean_steps_per_pixel": float(adaptive.extras["steps_per_pixel"].mean()),
+        },
+    ]
+    rows += [
+        {
+            "sampler": f"synchronous_{steps}",
+            "calls_per_image": float(steps),
+            "forward_passes": chunks * steps * batch,
+        }
+        for steps in synchronous_steps
+    ]
+    for row in rows:
+        images, seconds = samples[row["sampler"]]
+        scores = features.scores(images, batch, args.kid_subsets, args.kid_subset_size)
+        row.update(fid_fmnist=scores["fid"], kid=scores["kid"], seconds=seconds)
+
+    print(
+        f"{run.directory} (step {run.step}, {run.description['model']['name']}): {args.num} "
+        f"images, batch {batch}, budget ({min_steps}, {args.steps}), re-estimation every "
+        f"{args.reestimate_every}, align {args.align}"
+    )
+    print(
+        f"{'sampler':24s}{'calls/image':>13s}{'forward passes':>16s}{'FID_FMNIST':>12s}"
+        f"{'KID':>10s}{'s':>9s}"
+    )
+    for row in rows:
+        print(
+            f"{row['sampler']:24s}{row['calls_per_image']:13.1f}{row['forward_passes']:16d}"
+            f"{row['fid_fmnist']:12.2f}{row['kid']:10.4f}{row['seconds']:9.1f}"
+        )
+    print(
+        f"adaptive: {int(calls.min())}..{int(calls.max())} calls per image; "
+        f"{rows[0]['mean_steps_per_pixel']:.1f} steps per pixel on average"
+    )
+    record = {
+        "run": {
+            "workdir": run.directory,
+            "step": run.step,
+            "model": run.description["model"],
+        },
+        "head": {
+            "steps_done": head_info.get("steps_done"),
+            "eval": head_info.get("eval"),
+            "calibration": head_info.get("calibration"),
+        },
+        "settings": {
+            "budget": [min_steps, args.steps],
+            "batch": batch,
+            "feature_network": features.name,
+            "feature_sha256": features.sha256,
+            "reference": features.reference_record,
+        },
+        "rows": rows,
+        "calls_per_image_histogram": np.bincount(calls, minlength=args.steps + 1).tolist(),
+    }
+    report.write(args.out, record, args)
+
+
+if __name__ == "__main__":
+    main()
