@@ -21,9 +21,11 @@ Backends:
           sets the resources of each task, --dry_run writes everything but does not submit.
   print   prints the commands (for any other scheduler or a TPU queue).
 
-Resumable: a run is finished when its final checkpoint exists and the evaluation's results.json
-of that step holds every unit with the current settings; a relaunch skips finished runs,
-resumes training from the latest checkpoint and keeps the evaluation units already computed.
+Resumable: a run is finished when the evaluation's results.json of its final step holds every
+unit with the current settings; a relaunch skips finished runs, resumes training from the latest
+checkpoint and keeps the evaluation units already computed. --archive=DIR keeps a copy of each
+finished run's results.json in DIR (RUN.json); a run with a complete copy there is finished even
+when its workdir is gone (another machine, a cleaned disk), and the table is built from it.
 --only=RUN (a run name or a shell pattern, repeatable) restricts the backends to those runs.
 
 Output in DIR: sweep.json (the points, their commands and states), table.md and table.json
@@ -76,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--only", action="append", default=None, help="a run name or shell pattern (repeatable)"
     )
     parser.add_argument("--stage", default="all", choices=STAGES)
+    parser.add_argument(
+        "--archive",
+        default=None,
+        help="directory for a copy of each finished run's results.json (e.g. under version "
+        "control); a run with a complete copy there is finished even without its workdir",
+    )
     parser.add_argument(
         "--verbose", action="store_true", help="Show a user error with its traceback."
     )
@@ -131,6 +139,9 @@ class State:
     def refresh(self) -> None:
         with self.lock:
             self.states = {run.name: run.state() for run in self.sweep.runs}
+            for run in self.sweep.runs:
+                if self.states[run.name] == plan.FINISHED:
+                    archive(run)
             self._write()
 
     def _write(self) -> None:
@@ -154,6 +165,19 @@ class State:
             ],
         }
         integrity.write_json(self.path, record)
+
+
+def archive(run: plan.Run) -> None:
+    """Copies a finished run's results.json from its workdir to the archive (when the sweep has
+    one and the copy differs)."""
+    target = run.archived_path
+    if target is None or not os.path.exists(run.results_path):
+        return
+    record = integrity.read_json(run.results_path)
+    if os.path.exists(target) and integrity.read_json(target) == record:
+        return
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    integrity.write_json(target, record)
 
 
 def train_command(run: plan.Run, args: argparse.Namespace) -> list[str]:
@@ -211,6 +235,8 @@ def run_local(runs: list[plan.Run], state: State, args: argparse.Namespace) -> l
                 return
             print(f"{run.name}: {stage} done in {time.time() - start:.0f} s", flush=True)
             state.set(run, run.state())
+        if run.state() == plan.FINISHED:
+            archive(run)
 
     if parallel == 1:
         for run in todo:
@@ -243,6 +269,7 @@ def _table_command(args: argparse.Namespace) -> list[str]:
         "apd.sweep",
         f"--config={args.config}",
         f"--root={args.root}",
+        *([f"--archive={args.archive}"] if args.archive else []),
         "--stage=table",
     ]
 
@@ -357,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
 def sweep_main(args: argparse.Namespace) -> int:
     """Runs the stages `args` asks for; returns the exit code (a user error raises, see
     `apd.cli`)."""
-    sweep = plan.load(args.config, args.root)
+    sweep = plan.load(args.config, args.root, args.archive)
     runs = sweep.select(args.only)
     state = State(sweep, args)
     state.refresh()
@@ -371,7 +398,10 @@ def sweep_main(args: argparse.Namespace) -> int:
     )
     if args.stage == "status":
         for run in sweep.runs:
-            print(f"{state.states[run.name]:>9}  {run.name}")
+            where = (
+                " (archived)" if state.states[run.name] == plan.FINISHED and run.archived() else ""
+            )
+            print(f"{state.states[run.name]:>9}  {run.name}{where}")
         return 0
     failed: list[str] = []
     if args.stage in ("all", "run"):

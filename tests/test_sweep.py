@@ -10,6 +10,7 @@ points (real apd.train and apd.evaluate subprocesses).
 import json
 import os
 import re
+import shutil
 import subprocess
 
 import helpers
@@ -303,6 +304,36 @@ def test_resume_does_only_what_is_missing(tmp_path, capsys):
     sweep.runs[0].config.evaluate.unlock()
     sweep.runs[0].config.evaluate.steps = 5
     assert sweep.runs[0].state() == plan.TRAINED
+
+
+def test_archive_keeps_finished_runs_without_their_workdirs(tmp_path, capsys):
+    """--archive=DIR: finished runs' results.json copied to DIR/RUN.json; with the workdir gone
+    the run stays finished (nothing retrained) and the table is built from the copies."""
+    config = write_config(tmp_path, 'h.sweep("seed", [0, 1])')
+    root, archive_dir = tmp_path / "root", tmp_path / "archive"
+    sweep = plan.load(config, str(root))
+    fake_finished(sweep.runs[0], value=lambda unit, metric: 7.0)
+    main(f"--config={config}", f"--root={root}", f"--archive={archive_dir}", "--stage=status")
+    copy = archive_dir / "seed=0.json"
+    assert copy.exists() and not (archive_dir / "seed=1.json").exists()
+    assert json.loads(copy.read_text()) == integrity.read_json(sweep.runs[0].results_path)
+    shutil.rmtree(root / "seed=0")  # another machine, a cleaned disk, a new session
+    capsys.readouterr()
+    main(f"--config={config}", f"--root={root}", f"--archive={archive_dir}", "--stage=status")
+    assert "finished  seed=0 (archived)" in capsys.readouterr().out
+    main(f"--config={config}", f"--root={root}", f"--archive={archive_dir}", "--backend=print")
+    out = capsys.readouterr().out
+    assert "# seed=0: finished" in out and out.count("-m apd.train") == 1
+    assert f"--archive={archive_dir} --stage=table" in out
+    main(f"--config={config}", f"--root={root}", f"--archive={archive_dir}", "--stage=table")
+    assert "| all | 7.00 ± 0.00 |" in (root / "table.md").read_text()
+    # Without the archive the run is pending again; with other settings the copy is not used.
+    assert plan.load(config, str(root)).runs[0].state() == plan.PENDING
+    archived = plan.load(config, str(root), str(archive_dir)).runs[0]
+    assert archived.state() == plan.FINISHED and archived.archived()
+    archived.config.evaluate.unlock()
+    archived.config.evaluate.steps = 5
+    assert archived.state() == plan.PENDING
 
 
 def test_only_selects_runs(tmp_path):

@@ -20,6 +20,11 @@ ROOT/RUN/eval_NAME (apd.evaluate's --out) and its state, table and plots to ROOT
 table.NAME.md/json and plots.NAME/, so it shares --root with the training sweep: a run already
 trained there is evaluated, not retrained (its stored model must match the config's, as on any
 resume).
+
+With `--archive=DIR` (e.g. a directory under version control, `benchmarks/results/NAME`), each
+finished run's results.json is copied to DIR/RUN.json; a run whose copy there is complete for the
+current settings counts as finished even when its workdir is gone, so a sweep spread over
+machines or sessions never retrains what it has, and its table is rebuilt from the copies.
 """
 
 import dataclasses
@@ -50,6 +55,12 @@ class Run:
     workdir: str
     config: mc.ConfigDict = dataclasses.field(repr=False)  # the config with the overrides
     evaluation: str = ""  # the config file's EVALUATION ('' for the default evaluation)
+    archive: str | None = None  # the sweep's --archive directory
+
+    @property
+    def archived_path(self) -> str | None:
+        """ARCHIVE/NAME.json: a copy of the run's results.json kept apart from its workdir."""
+        return None if self.archive is None else os.path.join(self.archive, f"{self.name}.json")
 
     @property
     def eval_dir(self) -> str:
@@ -92,15 +103,29 @@ class Run:
     def trained(self) -> bool:
         return self.total_steps in evaluate.checkpoint_steps(self.workdir)
 
+    @property
+    def results_path(self) -> str:
+        """The final checkpoint's results.json in the run's workdir."""
+        return os.path.join(evaluate.step_dir(self.eval_dir, self.total_steps), evaluate.RESULTS)
+
     def results(self) -> dict[str, Any] | None:
-        """The final checkpoint's results.json when it is complete for the current settings."""
-        path = os.path.join(
-            evaluate.step_dir(self.eval_dir, self.total_steps),
-            evaluate.RESULTS,
+        """The final checkpoint's results.json when it is complete for the current settings:
+        the workdir's, else the archived copy's (`--archive`)."""
+        for path in (self.results_path, self.archived_path):
+            if path is not None and os.path.exists(path):
+                record = self._complete(integrity.read_json(path))
+                if record is not None:
+                    return record
+        return None
+
+    def archived(self) -> bool:
+        """Whether the archive holds complete results and the workdir does not."""
+        on_disk = os.path.exists(self.results_path) and self._complete(
+            integrity.read_json(self.results_path)
         )
-        if not os.path.exists(path):
-            return None
-        record = integrity.read_json(path)
+        return not on_disk and self.results() is not None
+
+    def _complete(self, record: dict[str, Any]) -> dict[str, Any] | None:
         units = protocol.units(self.config.evaluate)
         if record.get("units_expected") != [u.name for u in units]:
             return None
@@ -111,8 +136,12 @@ class Run:
         return record
 
     def state(self) -> str:
+        """FINISHED when complete results exist (in the workdir or the archive: a run whose
+        workdir is gone is not retrained), else TRAINED, PARTIAL or PENDING from the workdir."""
+        if self.results() is not None:
+            return FINISHED
         if self.trained():
-            return FINISHED if self.results() is not None else TRAINED
+            return TRAINED
         return PARTIAL if evaluate.checkpoint_steps(self.workdir) else PENDING
 
 
@@ -169,9 +198,9 @@ def load_module(path: str):
     return module
 
 
-def load(spec: str, root: str) -> Sweep:
+def load(spec: str, root: str, archive: str | None = None) -> Sweep:
     """Expands and checks the sweep of `experiments/NAME.py[:ARGS]`; ValueError before any run
-    names the bad key or value."""
+    names the bad key or value. `archive`: a directory of results.json copies (`--archive`)."""
     path, _, base_arg = spec.partition(":")
     module = load_module(path)
     for name in ("get_config", "get_hyper"):
@@ -195,7 +224,8 @@ def load(spec: str, root: str) -> Sweep:
         config_spec = f"{path}:{arg}" if arg else path
         config = _check_point(module, path, arg, point, name)
         workdir = os.path.join(root, name)
-        runs.append(Run(index, name, point, config_spec, workdir, config, evaluation))
+        archive_dir = None if archive is None else os.path.abspath(archive)
+        runs.append(Run(index, name, point, config_spec, workdir, config, evaluation, archive_dir))
     return Sweep(spec, path, root, runs, evaluation)
 
 
