@@ -5,9 +5,9 @@ import pytest
 from apd import data as data_lib
 from apd import models
 from apd.training import loop
-from experiments import cifar10, common, fashion_mnist, imagenet64
+from experiments import cifar10, clipart, common, fashion_mnist, imagenet64
 
-CONFIGS = [fashion_mnist, cifar10, imagenet64]
+CONFIGS = [fashion_mnist, cifar10, imagenet64, clipart]
 
 
 @pytest.mark.parametrize("module", CONFIGS, ids=lambda m: m.__name__)

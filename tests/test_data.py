@@ -163,7 +163,7 @@ def test_dataset_info():
 def test_get_source_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unknown split of cifar10 'validation'"):
         data.get_source("cifar10", "validation")
-    with pytest.raises(ValueError, match="applies to fashion_mnist only"):
+    with pytest.raises(ValueError, match="applies to fashion_mnist and clipart only"):
         data.get_source("cifar10", "train", path="/tmp")
 
 

@@ -8,6 +8,7 @@ raises `DatasetNotFoundError` before anything heavy is built.
 | name           | image shape    | classes | splits             | origin                         |
 |----------------|----------------|---------|--------------------|--------------------------------|
 | `fashion_mnist`| 28 x 28 x 1    | 10      | train, test        | Debian IDX files, else TFDS    |
+| `clipart`      | 64 x 64 x 3    | 22      | train, test        | Debian PNGs (openclipart-png)  |
 | `cifar10`      | 32 x 32 x 3    | 10      | train, test        | TFDS                           |
 | `imagenet2012` | varies (x 3)   | 1000    | train, validation  | TFDS (manual tarballs)         |
 | `lsun/bedroom` | varies (x 3)   | 0       | train, validation  | TFDS                           |
@@ -27,7 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from apd.checks import check_choice
-from apd.data import fashion_mnist
+from apd.data import clipart, fashion_mnist
 
 
 class Source(Protocol):
@@ -54,6 +55,7 @@ class _Spec:
 
 _SPECS = {
     "fashion_mnist": _Spec(fashion_mnist.IMAGE_SHAPE, fashion_mnist.NUM_CLASSES, ("train", "test")),
+    "clipart": _Spec(clipart.IMAGE_SHAPE, clipart.NUM_CLASSES, clipart.SPLITS),
     "cifar10": _Spec((32, 32, 3), 10, ("train", "test")),
     "imagenet2012": _Spec(
         (None, None, 3),
@@ -207,9 +209,11 @@ def get_source(
       name: one of `NAMES`.
       split: one of the dataset's splits (see the module table).
       data_dir: the TFDS data directory; default `default_data_dir()`.
-      path: for `fashion_mnist` only, the directory of IDX files; default
+      path: for `fashion_mnist`, the directory of IDX files; default
         `/usr/share/datasets/fashion-mnist`. If that default directory is missing, a Fashion-MNIST
-        prepared by TFDS in `data_dir` is used instead.
+        prepared by TFDS in `data_dir` is used instead. For `clipart`, the root of the category
+        folders; default `/usr/share/openclipart/png` (decoded once into a cache,
+        `apd.data.clipart`). Other datasets take no path.
 
     Raises:
       DatasetNotFoundError: the dataset is not on this machine; the message names the dataset, the
@@ -219,11 +223,16 @@ def get_source(
     check_choice("dataset", name, NAMES)
     check_choice(f"split of {name}", split, _SPECS[name].splits)
     data_dir = data_dir or default_data_dir()
+    if name == "clipart":
+        try:
+            return ArraySource(*clipart.load(split, path or clipart.DEFAULT_PATH))
+        except FileNotFoundError as e:
+            raise DatasetNotFoundError(str(e)) from e
     if name != "fashion_mnist":
         if path is not None:
             raise ValueError(
-                f"path={path!r} applies to fashion_mnist only (a directory of IDX files); "
-                f"{name!r} is read from the TFDS data_dir."
+                f"path={path!r} applies to fashion_mnist and clipart only (their files' "
+                f"directory); {name!r} is read from the TFDS data_dir."
             )
         return _tfds_source(name, split, data_dir)
     if os.path.isdir(path or fashion_mnist.DEFAULT_PATH):
