@@ -294,18 +294,21 @@ def _silu_and_grad(y: Array) -> tuple[Array, Array]:
     return y * sig, sig * (1.0 + y * (1.0 - sig))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _norm_modulate(x: Array, gain: Array, shift: Array, axes: tuple[int, ...], eps: float, silu):
-    return _norm_modulate_fwd(x, gain, shift, axes, eps, silu)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _norm_modulate(
+    x: Array, gain: Array, shift: Array, axes: tuple[int, ...], eps: float, silu, center
+):
+    return _norm_modulate_fwd(x, gain, shift, axes, eps, silu, center)[0]
 
 
-def _norm_modulate_fwd(x, gain, shift, axes, eps, silu):
+def _norm_modulate_fwd(x, gain, shift, axes, eps, silu, center):
     # Statistics, modulation and SiLU in float32; the output in x's dtype. Saved for the backward
     # pass: x itself (live anyway as the block's input or a layer's output), the per-group mean
-    # and reciprocal standard deviation, and gain and shift; xhat and the pre-activation are
-    # recomputed there from them in one element-wise pass.
+    # (a scalar 0 when not centring) and reciprocal standard deviation (root mean square when
+    # not centring), and gain and shift; xhat and the pre-activation are recomputed there from
+    # them in one element-wise pass.
     x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=axes, keepdims=True)
+    mean = jnp.mean(x32, axis=axes, keepdims=True) if center else jnp.zeros((), jnp.float32)
     rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x32 - mean), axis=axes, keepdims=True) + eps)
     y = (x32 - mean) * rstd * gain + shift
     if silu:
@@ -313,16 +316,17 @@ def _norm_modulate_fwd(x, gain, shift, axes, eps, silu):
     return y.astype(x.dtype), (x, mean, rstd, gain, shift)
 
 
-def _norm_modulate_bwd(axes, eps, silu, res, dy):
+def _norm_modulate_bwd(axes, eps, silu, center, res, dy):
     x, mean, rstd, gain, shift = res
     xhat = (x.astype(jnp.float32) - mean) * rstd
     g = dy.astype(jnp.float32)
     if silu:
         g = g * _silu_and_grad(xhat * gain + shift)[1]
     dxhat = g * gain
-    mean_dxhat = jnp.mean(dxhat, axis=axes, keepdims=True)
     mean_dxhat_xhat = jnp.mean(dxhat * xhat, axis=axes, keepdims=True)
-    dx = (dxhat - mean_dxhat - xhat * mean_dxhat_xhat) * rstd
+    if center:
+        dxhat = dxhat - jnp.mean(dxhat, axis=axes, keepdims=True)
+    dx = (dxhat - xhat * mean_dxhat_xhat) * rstd
     return dx.astype(x.dtype), _sum_to(g * xhat, gain.shape), _sum_to(g, shift.shape)
 
 
@@ -338,6 +342,7 @@ def norm_modulate(
     spatial_axes: tuple[int, ...] = (),
     eps: float = 1e-5,
     silu: bool = False,
+    center: bool = True,
 ) -> Array:
     """Normalisation, modulation and optionally SiLU as one function with a hand-written VJP.
 
@@ -345,7 +350,9 @@ def norm_modulate(
 
     with the mean and variance taken over `spatial_axes` and, within each of `groups` equal
     slices of the channels, over the channels: LayerNorm is groups=1 and no spatial axes,
-    GroupNorm is `spatial_axes=(1, 2)` for [B, H, W, C]. gain and shift broadcast against x with
+    GroupNorm is `spatial_axes=(1, 2)` for [B, H, W, C]. With center=False the mean is not
+    subtracted (xhat = x / sqrt(mean(x^2) + eps)): RMSNorm is groups=1, no spatial axes and
+    center=False. gain and shift broadcast against x with
     C (or 1) channels: [C] for an affine norm, per-token [B, h, w, C] for FiLM / adaLN (1 +
     scale and shift). act is SiLU or the identity.
 
@@ -380,6 +387,7 @@ def norm_modulate(
         (*spatial, ndim),
         float(eps),
         bool(silu),
+        bool(center),
     )
     return y.reshape(x.shape)
 
