@@ -555,6 +555,31 @@ def test_standardised_kid_resolves_what_raw_features_hide():
     assert abs(raw["kid"]) > 50 * abs(std_same)  # the raw estimate's noise dwarfs the signal
 
 
+def test_kid_leaves_the_completed_inputs_out_of_its_reference():
+    """Near-copies of the reference's first images (what inpainting returns) pull KID below 0
+    against a reference that holds them (here 160 of 400: the real protocol's 160 of 5,000
+    moves it less); leaving them out removes that pull."""
+    from apd.evaluation import protocol
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(400, 16))
+    mean, cov = frechet.stats_from_features(ref)
+    features = protocol.Features(
+        name="toy",
+        sha256="0" * 64,
+        embed=lambda x: x,
+        dim=16,
+        reference=reference.Stats(mean, cov, len(ref), ref.astype(np.float32)),
+        reference_record={},
+    )
+    completed = ref[:160] + 0.1 * rng.normal(size=(160, 16))
+    with_inputs = features.scores(completed, 64, 100, 1000)["kid"]
+    without = features.scores(completed, 64, 100, 1000, kid_exclude=160)["kid"]
+    assert with_inputs < -0.02 and without > with_inputs + 0.02
+    with pytest.raises(ValueError, match="beyond the first 400"):
+        features.scores(completed, 64, 100, 1000, kid_exclude=400)
+
+
 def test_kid_refuses_bad_input():
     ok = np.zeros((4, 3))
     with pytest.raises(ValueError, match="different dimensions"):

@@ -297,6 +297,7 @@ def unit_settings(unit: Unit, evaluate: mc.ConfigDict) -> dict[str, Any]:
     if unit.evaluator == "inpainting":
         cfg = evaluate.inpainting
         out = common | {
+            "kid_reference": "the split without the inputs",
             "family": unit.family,
             "method": method.name,
             "num_images": cfg.num_images,
@@ -348,17 +349,34 @@ class Features:
     kid_standardise: bool = False
 
     def scores(
-        self, images_float: np.ndarray, batch: int, kid_subsets: int, kid_subset_size: int
+        self,
+        images_float: np.ndarray,
+        batch: int,
+        kid_subsets: int,
+        kid_subset_size: int,
+        kid_exclude: int = 0,
     ) -> dict[str, float]:
         """FID and KID of images (float [-1, 1] [N, H, W, C]) against the reference features:
         {'fid', 'kid', 'kid_subset_std'} (KID over subsets of min(kid_subset_size, N, the
-        reference features kept) samples; `apd.evaluation.kid`)."""
+        reference features kept) samples; `apd.evaluation.kid`).
+
+        kid_exclude: leave the split's first this many examples out of KID's reference. The
+        inpainting protocol completes the split's first N images; a completion is a near-copy
+        of its own original, which inflates the cross term whenever the original is in a KID
+        subset and biases KID downwards (small for 160 inputs among 5,000 reference features,
+        but a bias, not noise). FID's Gaussian statistics of the whole split are left as
+        they are."""
         chunks = (images_float[s : s + batch] for s in range(0, images_float.shape[0], batch))
         stats = reference.accumulate(self.embed, chunks, self.dim, keep=images_float.shape[0])
         fid = frechet.fid_from_stats(
             stats.mean, stats.covariance, self.reference.mean, self.reference.covariance
         )
-        ours, theirs = stats.features, self.reference.features
+        ours, theirs = stats.features, self.reference.features[kid_exclude:]
+        if theirs.shape[0] < 2:
+            raise ValueError(
+                f"KID needs reference features beyond the first {kid_exclude} examples; only "
+                f"{self.reference.features.shape[0]} are kept (`reference.KID_FEATURES`)."
+            )
         if self.kid_standardise:
             mean = self.reference.mean
             std = np.sqrt(np.maximum(np.diagonal(self.reference.covariance), 1e-12))
@@ -612,11 +630,11 @@ class Evaluator:
             **extra,
         }
 
-    def _scores(self, samples: np.ndarray) -> dict[str, float | None]:
+    def _scores(self, samples: np.ndarray, kid_exclude: int = 0) -> dict[str, float | None]:
         if self.features is None:
             return {"fid": None, "kid": None}
         scores = self.features.scores(
-            samples, self.batch, self.cfg.kid_subsets, self.cfg.kid_subset_size
+            samples, self.batch, self.cfg.kid_subsets, self.cfg.kid_subset_size, kid_exclude
         )
         return {"fid": scores["fid"], "kid": scores["kid"]}
 
@@ -672,7 +690,7 @@ class Evaluator:
         is_known = known.astype(bool)[..., None] & np.ones_like(x, bool)
         known_error = float(np.max(np.abs(y - x)[is_known])) if is_known.any() else 0.0
         metrics = {
-            **self._scores(y),
+            **self._scores(y, kid_exclude=cfg.num_images),
             "psnr": float(np.mean(np.asarray(image_metrics.psnr(y, x)))),
             "ssim": float(np.mean(np.asarray(image_metrics.ssim(y, x)))),
             "lpips": self._lpips(y, x),
