@@ -14,9 +14,12 @@ data, a workdir of another model, a failed save) ends with one line `apd.train: 
 exit code 1; --verbose shows its traceback. For a local multi-process run add
 --coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=I (see
 launch/local_multiprocess.sh); on SLURM and Cloud TPU pods the processes find each other by
-themselves.
+themselves. apd.train trains diffusion models (`config.task` 'diffusion', the default); a config
+of another task is refused in one line naming its binary (`PROGRAMS`, e.g.
+apd.train_autoencoder, which shares these flags and `main`).
 """
 
+import functools
 import sys
 from collections.abc import Sequence
 
@@ -44,21 +47,37 @@ EXIT_INTERRUPTED = 130  # after Ctrl-C saved the current step (128 + SIGINT, the
 _LEVEL_OVERRIDES: list[tuple[str, str]] = []  # --config.levels.* (see cli.take_level_overrides)
 
 
-def parse_flags(argv: Sequence[str]) -> list[str]:
+PROGRAMS = {"diffusion": "apd.train", "autoencoder": "apd.train_autoencoder"}
+"""The binary that trains each task (`config.task`); each refuses the others' configs. All share
+this module's flags and `main`."""
+
+
+def parse_flags(argv: Sequence[str], program: str = "apd.train") -> list[str]:
     """absl's flags, with the level-sampler overrides set aside for `cli.apply_level_overrides`."""
     try:
         rest, _LEVEL_OVERRIDES[:] = cli.take_level_overrides(argv)
     except ValueError as err:
-        raise SystemExit(f"apd.train: error: {cli.one_line(err)}") from None
+        raise SystemExit(f"{program}: error: {cli.one_line(err)}") from None
     sys.argv = list(rest)  # the config flag reads its --config.KEY overrides from sys.argv
-    return cli.parse_flags(rest, "apd.train")
+    return cli.parse_flags(rest, program)
 
 
-def main(argv):
+def main(argv, task: str):
+    """Trains the config if its `task` is `task` (the binary's, `PROGRAMS`)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(runs.quiet_orbax)
     config = _CONFIG.value
+    found = config.get("task", "diffusion")
+    if found != task:
+        if found in PROGRAMS:
+            hint = f"train it with python -m {PROGRAMS[found]}"
+        else:
+            hint = f"expected one of {sorted(PROGRAMS)}"
+        raise ValueError(
+            f"{PROGRAMS[task]} trains config.task={task!r}, but this config's task is "
+            f"{found!r}: {hint}."
+        )
     cli.apply_level_overrides(config, _LEVEL_OVERRIDES)
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     # Imported after initialisation: importing TensorFlow-backed writers first is harmless,
@@ -73,4 +92,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main, "apd.train", flags_parser=parse_flags)
+    cli.run(functools.partial(main, task="diffusion"), "apd.train", flags_parser=parse_flags)

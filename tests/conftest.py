@@ -1,6 +1,7 @@
 """Test settings: 8 fake CPU devices and strict rank promotion, however pytest is invoked."""
 
 import os
+import tempfile
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
@@ -9,6 +10,15 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# A persistent XLA compilation cache shared by the test processes and the binaries they start:
+# many tests compile the same smoke models (a resume recompiles its run's step), and a hit skips
+# XLA's compilation. Entries are keyed on the HLO, jax/XLA versions and flags, so a hit is always
+# the program that compiling would give; set JAX_COMPILATION_CACHE_DIR='' to turn it off.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), f"apd-tests-xla-cache-{os.getuid()}"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import jax
 

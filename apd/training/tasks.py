@@ -30,7 +30,7 @@ import numpy as np
 
 from apd import checks, corruption, levels, losses, plans
 from apd.sampling import images as sample_images
-from apd.training import builder
+from apd.training import autoencoder_task, builder
 from apd.training import mesh as mesh_lib
 from apd.training import step as step_lib
 
@@ -93,7 +93,7 @@ class Diffusion:
         return visualise
 
 
-TASKS: dict[str, Task] = {"diffusion": Diffusion()}
+TASKS: dict[str, Task] = {"diffusion": Diffusion(), "autoencoder": autoencoder_task.Autoencoder()}
 
 
 def register(name: str, task: Task) -> None:

@@ -1,0 +1,116 @@
+"""The mask-aware latent autoencoder on clip art (64 x 64 x 3, `apd.data.clipart`): `ae-f4-small`,
+f = 4, so images become 16 x 16 x 3 latents (`apd.models.autoencoder`; the task
+`apd.training.autoencoder_task`).
+
+    python -m apd.train_autoencoder --config=experiments/clipart_autoencoder.py --workdir=runs/ae
+    python -m apd.train_autoencoder --config=experiments/clipart_autoencoder.py:quantizer=fsq ...
+    python -m apd.train_autoencoder --config=experiments/clipart_autoencoder.py:smoke ...
+
+Arguments: quantizer (vq: a 1,024-code EMA codebook with dead-code restarts | fsq: levels
+(8, 8, 16), 1,024 codes), steps (total training steps), batch (global batch size), gan (switch
+on the PatchGAN term: weight 0.1 from a third of the run on; its discriminator trains from step
+0), smoke (the tiny autoencoder, 4 steps, seconds on CPU).
+
+The default length (250 steps at batch 8, 2,000 images, 0.4 epochs) is sized for about 10
+minutes on 2 idle CPU cores (`STEP_GFLOP`); relaunching with more `steps` continues the same
+run. The GAN term is off by default: VQGAN switches it on after tens of thousands of steps, far
+beyond a CPU run.
+"""
+
+import ml_collections as mc
+
+from apd.evaluation import masks
+from experiments import common
+
+# ae-f4-small's training step costs 14.3 GFLOP per image (XLA's count: the training rule encodes
+# every image twice, masked and full, and decodes once; VQ, no GAN term): 115 GFLOP at batch 8.
+# Measured on the 2-core machine while busy with other jobs: 7.4-9 s per step at batch 8 (20 s
+# at batch 16) while its float32 matmul peak measured 30-35 GFLOP/s in the same run, i.e. 35-50%
+# of the peak. Idle, the peak is 110-200 GFLOP/s (shared/docs/stack-notes.md): 1.2-3 s per step,
+# so 250 steps take 5-12 minutes, after 1-2 minutes of compilation.
+STEP_GFLOP = 14.3
+
+QUANTIZERS = {
+    "vq": {"kind": "vq", "num_codes": 1024, "update": "ema", "restart_after": 100},
+    "fsq": {"kind": "fsq", "levels": (8, 8, 16)},
+}
+
+
+def get_config(arg: str | None = None) -> mc.ConfigDict:
+    arg = common.parse_arg(arg, quantizer="vq", steps=250, batch=8, gan=False, smoke=False)
+    if arg.quantizer not in QUANTIZERS:
+        raise ValueError(
+            f"unknown quantizer {arg.quantizer!r}; expected one of {sorted(QUANTIZERS)}."
+        )
+    config = mc.ConfigDict()
+    config.task = "autoencoder"
+    config.seed = 0
+    config.total_steps = arg.steps
+    config.data = mc.ConfigDict(
+        {
+            "name": "clipart",
+            "path": None,
+            "data_dir": None,
+            "image_size": None,
+            # No flips: mirrored flags, text and arrows are not clip art of the same kind.
+            "random_flip": False,
+            "global_batch_size": arg.batch,
+        }
+    )
+    config.model = mc.ConfigDict(
+        {
+            "name": "ae-f4-small",
+            "class_conditional": False,
+            "options": {"quantizer_config": dict(QUANTIZERS[arg.quantizer])},
+        }
+    )
+    config.loss = mc.ConfigDict(
+        {"reconstruction": "l1", "reconstruction_weight": 1.0, "consistency_weight": 1.0}
+    )
+    # A bank of `bank_size` training masks (sample_training_masks), drawn when the step is
+    # compiled; each example takes one at random, flipped and transposed at random.
+    config.masks = mc.ConfigDict(
+        {"families": masks.FAMILIES, "p_unmasked": 0.25, "bank_size": 1024}
+    )
+    config.adversarial = mc.ConfigDict(
+        {
+            "weight": 0.1 if arg.gan else 0.0,
+            "start_step": arg.steps // 3,
+            "r1_gamma": 1.0,
+            "loss": "hinge",
+            "channels": 32,
+            "num_layers": 3,
+            "norm": "none",
+            "groups": 32,
+            "optimizer": common.optimizer(lr=2e-4, warmup_steps=0, b2=0.99),
+        }
+    )
+    config.optimizer = common.optimizer(lr=5e-4, warmup_steps=25)
+    config.ema_decay = 0.999
+    config.mesh = mc.ConfigDict({"data": -1, "fsdp": 1})
+    config.checkpoint = mc.ConfigDict(
+        {"every_steps": 50, "keep_last": 3, "keep_every": 0, "async_save": True}
+    )
+    config.log_every_steps = 10
+    # Reconstruction grids (original | masked input | reconstruction) in WORKDIR/samples.
+    config.sample_every_steps = 50
+    config.sample = mc.ConfigDict({"num": 8})
+    config.progress_every_secs = 30.0
+    if arg.smoke:
+        config.total_steps = 4
+        config.data.global_batch_size = 8
+        config.model.name = "ae-f4-tiny"
+        # The tiny size's codebook, in the chosen kind; FSQ's levels as they are.
+        if arg.quantizer == "vq":
+            config.model.options.quantizer_config.num_codes = 64
+        config.masks.bank_size = 16
+        config.adversarial.start_step = 2
+        config.adversarial.channels = 8
+        config.adversarial.groups = 4
+        config.optimizer.warmup_steps = 2
+        config.checkpoint.every_steps = 2
+        config.log_every_steps = 2
+        config.sample_every_steps = 4
+        config.sample.num = 4
+        config.progress_every_secs = 1.0
+    return config
