@@ -12,6 +12,8 @@ INSTALL_REQUIRES = [
     "optax==0.2.8",
     "orbax-checkpoint==0.12.8",
     "grain==0.2.18",
+    # apd.encode writes latent datasets as ArrayRecord shards (grain reads them).
+    "array-record==0.8.6",
     "tensorflow-datasets==4.9.10",
     "ml-collections==1.1.0",
     "clu==0.0.12",

@@ -228,7 +228,8 @@ def apply_level_overrides(config: Any, overrides: Sequence[tuple[str, str]]) -> 
             name = raw
         else:
             params[key[len(LEVELS_PARAMS) :]] = _literal(raw)
-    grid = data_lib.dataset_info(config.data.name, config.data.image_size)[0][:-1]
+    data = config.data
+    grid = data_lib.dataset_info(data.name, data.image_size, path=data.path)[0][:-1]
     kept = {}
     if name == config.levels.name:
         defaults = levels.resolve_params(name, grid)

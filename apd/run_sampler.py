@@ -192,7 +192,14 @@ class Sampler:
 
     @property
     def grid(self) -> tuple[int, int]:
-        """(H, W) of the run's images."""
+        """(h, w) of the model's tokens: the run's images, or a latent run's latent grid. Plans
+        (`apd.plans`) and per-token extras live on it."""
+        return tuple(self.run.token_shape[:-1])
+
+    @property
+    def image_grid(self) -> tuple[int, int]:
+        """(H, W) of the run's images (decoded, for a latent run): the grid of every method's
+        images, masks and strengths."""
         return tuple(self.run.image_shape[:-1])
 
     def put(self, arr: np.ndarray | Array | None) -> Array | None:
@@ -242,7 +249,7 @@ class Sampler:
                 self.run.model.apply,
                 schedule=self.run.schedule,
                 prediction=self.run.prediction,
-                channels=self.run.image_shape[-1],
+                channels=self.run.token_shape[-1],
                 eta=setting[0],
                 num_classes=self.run.num_classes,
                 cfg_scale=setting[1],
@@ -299,7 +306,7 @@ class Sampler:
                 predict,
                 log_error,
                 batch=self.batch,
-                image_shape=self.run.image_shape,
+                image_shape=self.run.token_shape,
                 schedule=self.run.schedule,
                 prediction=self.run.prediction,
                 num_classes=self.run.num_classes,
@@ -326,12 +333,12 @@ class Sampler:
         """`make_plan(key, x_known, noise, labels, *inputs)` per chunk (device arrays but the
         inputs, which stay on the host) -> (plan, per-sample extras); then DDIM along it."""
         if images is not None:
-            images = self._check_images(images)
+            images = self._check_images(images, self.run.token_shape)
         fn = self._sample_fn(eta, cfg_scale, input_guidance, context_level)
         outputs, extras, costs = [], [], []
         for key, n, (x, lab, *rest) in self._chunks(num, seed, (images, labels, *inputs)):
             k_noise, k_sample, k_plan = jax.random.split(key, 3)
-            noise = jax.random.normal(k_noise, (self.batch, *self.run.image_shape), jnp.float32)
+            noise = jax.random.normal(k_noise, (self.batch, *self.run.token_shape), jnp.float32)
             x, noise, lab = self.put(x), self.put(noise), self.put(lab)
             plan, extra = make_plan(k_plan, x, noise, lab, *rest)
             outputs.append(np.asarray(fn(self.params, plan, k_sample, x, noise, lab))[:n])
@@ -351,12 +358,14 @@ class Sampler:
         merged = {k: np.concatenate([e[k] for e in extras]) for k in (extras[0] if extras else {})}
         return Samples(np.concatenate(outputs), tuple(costs), merged)
 
-    def _check_images(self, images: np.ndarray) -> np.ndarray:
+    def _check_images(self, images: np.ndarray, shape: Sequence[int] | None = None) -> np.ndarray:
+        """float32 [N, *shape] (default: the run's image shape), or a ValueError."""
+        shape = tuple(self.run.image_shape if shape is None else shape)
         arr = np.asarray(images)
-        if arr.ndim != 4 or arr.shape[1:] != tuple(self.run.image_shape):
+        if arr.ndim != 4 or arr.shape[1:] != shape:
             raise ValueError(
-                f"images must be float [N, H, W, C] with (H, W, C) = {self.run.image_shape}; got "
-                f"shape {arr.shape}."
+                f"images must be float [N, H, W, C] with (H, W, C) = {shape}; got shape "
+                f"{arr.shape}."
             )
         if not np.issubdtype(arr.dtype, np.floating):
             raise ValueError(f"images must be float in [-1, 1]; got dtype {arr.dtype}.")
@@ -364,12 +373,91 @@ class Sampler:
 
     def _check_known(self, known: np.ndarray) -> np.ndarray:
         arr = np.asarray(known)
-        if arr.ndim != 3 or arr.shape[1:] != self.grid or not np.isin(arr, (0, 1)).all():
+        grid = self.image_grid
+        if arr.ndim != 3 or arr.shape[1:] != grid or not np.isin(arr, (0, 1)).all():
             raise ValueError(
-                f"masks must be [N, H, W] with (H, W) = {self.grid}, 0 (generate) or 1 (known); "
+                f"masks must be [N, H, W] with (H, W) = {grid}, 0 (generate) or 1 (known); "
                 f"got {arr.dtype} of shape {arr.shape}."
             )
         return arr.astype(np.uint8)
+
+    # -- a latent run's pixel side ----------------------------------------------------------------
+    #
+    # Every public method takes and returns images (and masks, strengths) on the image grid. For a
+    # latent run (`run.codec`) the inputs are encoded first and the samples decoded last:
+    #
+    #   known tokens  m = codec.latent_mask(known)  (a token is known only when all its pixels are)
+    #   inputs        z = m * encode(x, known) + (1 - m) * encode(x)   (the autoencoder's training
+    #                 rule, `autoencoder.mask_aware_targets`: known tokens from the masked image)
+    #   the sampler   runs on z with the token masks (known tokens held at level 0)
+    #   outputs       x_hat = decode(z_0, known), then the known pixels composited exactly:
+    #                 known * x + (1 - known) * x_hat
+    #
+    # Generation decodes with no mask. The autoencoder runs in chunks of `batch` images.
+
+    def map_rows(self, fn: Callable[..., Array], *arrays: np.ndarray | None) -> np.ndarray:
+        """fn(*rows) over chunks of `batch` rows of the arrays (None passes), concatenated as
+        numpy: a latent run's autoencoder (`run.codec`) on many images."""
+        num = np.shape(arrays[0])[0]
+        out = []
+        for start in range(0, num, self.batch):
+            part = slice(start, start + self.batch)
+            out.append(np.asarray(fn(*[None if a is None else a[part] for a in arrays])))
+        return np.concatenate(out)
+
+    def _to_tokens(
+        self, images: np.ndarray, known: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Checked images [N, H, W, C] and pixel masks [N, H, W] (or None: all known) -> the
+        model's inputs and token masks (the same arrays for a pixel run)."""
+        images = self._check_images(images)
+        codec = self.run.codec
+        if codec is None:
+            return images, known
+        full = self.map_rows(codec.encode, images)
+        if known is None:
+            return full, None
+        tokens = self.map_rows(codec.latent_mask, known).astype(np.uint8)
+        masked = self.map_rows(codec.encode, images, known)
+        return np.where(tokens[..., None] == 1, masked, full), tokens
+
+    def _to_images(
+        self, out: Samples, images: np.ndarray | None = None, known: np.ndarray | None = None
+    ) -> Samples:
+        """A latent run's samples decoded (with the pixel masks), known pixels composited."""
+        codec = self.run.codec
+        if codec is None:
+            return out
+        decoded = self.map_rows(codec.decode, out.images, known)
+        if known is not None:
+            decoded = np.where(known[..., None] == 1, self._check_images(images), decoded)
+        # Per-token maps (adaptive's steps and predicted errors) onto the image grid: each pixel
+        # shows its token's value.
+        f = codec.factor
+        extras = {
+            k: np.repeat(np.repeat(v, f, axis=1), f, axis=2)
+            if v.ndim == 3 and v.shape[1:] == self.grid
+            else v
+            for k, v in out.extras.items()
+        }
+        return dataclasses.replace(out, images=decoded.astype(np.float32), extras=extras)
+
+    def reconstruct(self, images: np.ndarray) -> np.ndarray:
+        """A latent run's autoencoder on images [N, H, W, C]: decode(encode(x)), no mask."""
+        if self.run.codec is None:
+            raise ValueError("reconstruct needs a latent run (run.codec); this run is in pixels.")
+        tokens, _ = self._to_tokens(images, None)
+        return self.map_rows(self.run.codec.decode, tokens)
+
+    def _token_levels(self, levels: np.ndarray) -> np.ndarray:
+        """Per-pixel levels [N, H, W] -> per-token levels [N, h, w] for a latent run: a token
+        takes the highest level of the pixels it covers (so it is kept, level 0, only when all of
+        them are: `latent_mask`'s rule)."""
+        if self.run.codec is None:
+            return levels
+        f = self.run.codec.factor
+        n, h, w = levels.shape[0], *self.grid
+        return levels.reshape(n, h, f, w, f).max(axis=(2, 4))
 
     # -- public sampling methods ----------------------------------------------------------------
 
@@ -386,7 +474,7 @@ class Sampler:
     ) -> Samples:
         """`num` samples along the synchronous plan (every pixel 1 -> 0 in `steps` steps)."""
         plan = plans.synchronous(steps, self.batch, self.grid)
-        return self._sample(
+        out = self._sample(
             num,
             seed,
             lambda *_: (plan, {}),
@@ -397,6 +485,7 @@ class Sampler:
             cfg_scale=cfg_scale,
             input_guidance=input_guidance,
         )
+        return self._to_images(out)
 
     def inpaint(
         self,
@@ -420,18 +509,20 @@ class Sampler:
             the generated pixels) or a level in [0, 1] (`apd.sampling.sample`).
         """
         known = self._check_known(known)
-        return self._sample(
+        tokens, token_known = self._to_tokens(images, known)
+        out = self._sample(
             known.shape[0],
             seed,
             lambda key, x, noise, lab, ms: (plans.inpaint(jnp.asarray(ms), steps), {}),
-            images=images,
+            images=tokens,
             labels=labels,
-            inputs=(known,),
+            inputs=(token_known,),
             eta=eta,
             cfg_scale=cfg_scale,
             input_guidance=input_guidance,
             context_level=context_level,
         )
+        return self._to_images(out, images, known)
 
     def edit(
         self,
@@ -452,22 +543,27 @@ class Sampler:
           strength: float [N, H, W] in [0, 1].
         """
         strength = np.asarray(strength, np.float32)
-        if strength.ndim != 3 or strength.shape[1:] != self.grid:
+        grid = self.image_grid
+        if strength.ndim != 3 or strength.shape[1:] != grid:
             raise ValueError(
-                f"strength must be [N, H, W] with (H, W) = {self.grid}; got shape {strength.shape}."
+                f"strength must be [N, H, W] with (H, W) = {grid}; got shape {strength.shape}."
             )
         checks.check_levels(strength, "edit strength")
-        return self._sample(
+        # Pixels of strength 0 are kept: for a latent run they are the known pixels.
+        kept = (strength == 0).astype(np.uint8) if self.run.latent else None
+        tokens, _ = self._to_tokens(images, kept)
+        out = self._sample(
             strength.shape[0],
             seed,
             lambda key, x, noise, lab, s: (plans.edit(s, steps), {}),
-            images=images,
+            images=tokens,
             labels=labels,
-            inputs=(strength,),
+            inputs=(self._token_levels(strength),),
             eta=eta,
             cfg_scale=cfg_scale,
             input_guidance=input_guidance,
         )
+        return self._to_images(out, images, kept)
 
     def autoregressive(
         self,
@@ -484,8 +580,8 @@ class Sampler:
         input_guidance: float = 0.0,
     ) -> Samples:
         """`num` samples generated K x K patch by patch (`apd.plans.autoregressive`; a 'random'
-        order is drawn per sample from the chunk's plan key)."""
-        return self._sample(
+        order is drawn per sample from the chunk's plan key; the patches cut the token grid)."""
+        out = self._sample(
             num,
             seed,
             lambda key, *_: (
@@ -507,6 +603,7 @@ class Sampler:
             cfg_scale=cfg_scale,
             input_guidance=input_guidance,
         )
+        return self._to_images(out)
 
     def adaptive(
         self,
@@ -550,24 +647,26 @@ class Sampler:
                 f"images={'set' if images is not None else None}, "
                 f"known={'set' if known is not None else None}."
             )
+        tokens = token_known = None
         if known is not None:
             known = self._check_known(known)
-            images = self._check_images(images)
+            tokens, token_known = self._to_tokens(images, known)
         head = self.uncertainty_head()
         low, high = difficulty_range(head, difficulty_low, difficulty_high)
         rule = AdaptiveRule((n_min, steps), low, high, reestimate_every, align)
-        return self.adaptive_pool().run(
+        out = self.adaptive_pool().run(
             (self.params, head.params),
             num,
             rule,
             seed=seed,
-            images=images,
-            known=known,
+            images=tokens,
+            known=token_known,
             labels=labels,
             eta=eta,
             cfg_scale=cfg_scale,
             input_guidance=input_guidance,
         )
+        return self._to_images(out, images, known)
 
     def repaint(
         self,
@@ -583,16 +682,17 @@ class Sampler:
     ) -> Samples:
         """The RePaint baseline (`apd.sampling.repaint`, jump length `jump`, `resample`
         resamplings) on the same images and masks as `inpaint`."""
-        images, known = self._check_images(images), self._check_known(known)
+        known = self._check_known(known)
+        tokens, token_known = self._to_tokens(images, known)
         fn = self._repaint_fn(steps, jump, resample, eta)
         cost = sampling.repaint_cost(self.batch, steps, jump, resample)
         outputs = []
-        for key, n, chunk in self._chunks(known.shape[0], seed, (images, known, labels)):
+        for key, n, chunk in self._chunks(known.shape[0], seed, (tokens, token_known, labels)):
             k_sample = jax.random.split(key, 3)[1]
             x, ms, lab = (self.put(a) for a in chunk)
             outputs.append(np.asarray(fn(self.params, x, ms, k_sample, lab))[:n])
             self._log(len(outputs), known.shape[0], n, cost)
-        return self._collect(outputs, [cost] * len(outputs), [])
+        return self._to_images(self._collect(outputs, [cost] * len(outputs), []), images, known)
 
 
 # ---------------------------------------------------------------------------------------------

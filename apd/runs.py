@@ -56,9 +56,23 @@ class Run:
     prediction: str  # 'x', 'eps' or 'v'
     num_classes: int  # 0 for an unconditional model; else label num_classes is the null label
     step: int  # the training step of the checkpoint
-    image_shape: tuple[int, int, int]  # (H, W, C) of the data
+    image_shape: tuple[int, int, int]  # (H, W, C) of the images (decoded, for a latent run)
     description: dict  # the checkpoint's model description (name, options, shape hash)
     directory: str  # the workdir or export directory it came from
+    # A latent run's autoencoder (`apd.latents.Codec`, with its dataset's normalisation); None
+    # for a pixel run.
+    codec: Any = None
+    # (h, w, D) of what the model reads: the latent shape of a latent run, else image_shape.
+    token_shape: tuple[int, int, int] | None = None
+
+    def __post_init__(self):
+        if self.token_shape is None:
+            object.__setattr__(self, "token_shape", tuple(self.image_shape))
+
+    @property
+    def latent(self) -> bool:
+        """Whether the model runs on an autoencoder's latents (`config.data.name == 'latents'`)."""
+        return self.codec is not None
 
 
 def load(
@@ -103,8 +117,12 @@ def load(
     model = models.build(
         model_cfg["name"], num_classes=num_classes, **_tuples(model_cfg["options"])
     )
-    image_shape, _ = data_lib.dataset_info(config.data.name, config.data.image_size)
-    _check_model(model, image_shape, description)
+    token_shape, _ = data_lib.dataset_info(
+        config.data.name, config.data.image_size, path=config.data.path
+    )
+    _check_model(model, token_shape, description)
+    codec = load_codec(config)
+    image_shape = token_shape if codec is None else image_data(config).image_shape
     return Run(
         config=config,
         model=model,
@@ -116,6 +134,54 @@ def load(
         image_shape=tuple(image_shape),
         description=description,
         directory=directory,
+        codec=codec,
+        token_shape=tuple(token_shape),
+    )
+
+
+LATENT_DATA = "latents"
+"""`config.data.name` of a latent diffusion run (`apd.data.latents`)."""
+
+
+def load_codec(config: mc.ConfigDict):
+    """A latent run's codec (`apd.latents.Codec.from_latents`): the autoencoder its latent
+    dataset names, or the one in `config.autoencoder.workdir` when the config names one (checked
+    to be the same autoencoder), with the dataset's normalisation. None for a pixel run."""
+    if config.data.name != LATENT_DATA:
+        return None
+    from apd import latents  # apd.latents reads run configs with this module
+
+    workdir = config.get("autoencoder", {}).get("workdir") if config.get("autoencoder") else None
+    return latents.Codec.from_latents(config.data.path, ae_workdir=workdir)
+
+
+def image_data(config: mc.ConfigDict) -> mc.ConfigDict:
+    """The images a run generates: `name`, `path`, `data_dir`, `image_size` and `image_shape`
+    of its dataset, for a latent run the dataset its latents were encoded from (the latent
+    dataset's manifest). Evaluation reads its real images and reference statistics from here."""
+    data = config.data
+    if data.name != LATENT_DATA:
+        shape, _ = data_lib.dataset_info(data.name, data.image_size, path=data.path)
+        return mc.ConfigDict(
+            {
+                "name": data.name,
+                "path": data.get("path"),
+                "data_dir": data.get("data_dir"),
+                "image_size": data.image_size,
+                "image_shape": tuple(shape),
+            }
+        )
+    from apd.data import latents as latents_data
+
+    dataset = latents_data.read_manifest(data.path)["dataset"]
+    return mc.ConfigDict(
+        {
+            "name": dataset["name"],
+            "path": dataset.get("path"),
+            "data_dir": dataset.get("data_dir", data.get("data_dir")),
+            "image_size": dataset.get("image_size"),
+            "image_shape": tuple(dataset["image_shape"]),
+        }
     )
 
 
@@ -152,8 +218,9 @@ def read_config(directory: str) -> mc.ConfigDict:
 
 def first_images(run: Run, split: str, num: int) -> tuple[np.ndarray, np.ndarray]:
     """The first `num` images of the run's dataset split: (float32 [num, H, W, C] in [-1, 1],
-    labels int32 [num]), as the evaluation pipeline reads them."""
-    cfg = run.config.data
+    labels int32 [num]), as the evaluation pipeline reads them (a latent run's: the images
+    its latents were encoded from, `image_data`)."""
+    cfg = image_data(run.config)
     source = data_lib.get_source(cfg.name, split, data_dir=cfg.data_dir, path=cfg.path)
     if len(source) < num:
         raise ValueError(f"{num} images asked of split {split!r}, which holds {len(source)}.")

@@ -321,7 +321,7 @@ def run(options: Options) -> dict:
         )
 
     # Per-sample inputs: images, masks, strength maps, labels.
-    num, grid = options.num, sampler.grid
+    num, grid = options.num, sampler.image_grid
     mask_spec = options.mask
     if mask_spec is None and options.plan in ("inpaint", "repaint"):
         mask_spec = "half"

@@ -19,7 +19,6 @@ beyond a CPU run.
 
 import ml_collections as mc
 
-from apd.evaluation import masks
 from experiments import common
 
 # ae-f4-small's training step costs 14.3 GFLOP per image (XLA's count: the training rule encodes
@@ -42,59 +41,22 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
         raise ValueError(
             f"unknown quantizer {arg.quantizer!r}; expected one of {sorted(QUANTIZERS)}."
         )
-    config = mc.ConfigDict()
-    config.task = "autoencoder"
-    config.seed = 0
-    config.total_steps = arg.steps
-    config.data = mc.ConfigDict(
-        {
-            "name": "clipart",
-            "path": None,
-            "data_dir": None,
-            "image_size": None,
-            # No flips: mirrored flags, text and arrows are not clip art of the same kind.
-            "random_flip": False,
-            "global_batch_size": arg.batch,
-        }
+    config = common.autoencoder_config(
+        dataset="clipart",
+        size="ae-f4-small",
+        quantizer=QUANTIZERS[arg.quantizer],
+        steps=arg.steps,
+        batch=arg.batch,
+        lr=5e-4,
+        warmup_steps=25,
+        gan_weight=0.1 if arg.gan else 0.0,
+        gan_start=arg.steps // 3,
+        # No flips: mirrored flags, text and arrows are not clip art of the same kind.
+        random_flip=False,
     )
-    config.model = mc.ConfigDict(
-        {
-            "name": "ae-f4-small",
-            "class_conditional": False,
-            "options": {"quantizer_config": dict(QUANTIZERS[arg.quantizer])},
-        }
-    )
-    config.loss = mc.ConfigDict(
-        {"reconstruction": "l1", "reconstruction_weight": 1.0, "consistency_weight": 1.0}
-    )
-    # A bank of `bank_size` training masks (sample_training_masks), drawn when the step is
-    # compiled; each example takes one at random, flipped and transposed at random.
-    config.masks = mc.ConfigDict(
-        {"families": masks.FAMILIES, "p_unmasked": 0.25, "bank_size": 1024}
-    )
-    config.adversarial = mc.ConfigDict(
-        {
-            "weight": 0.1 if arg.gan else 0.0,
-            "start_step": arg.steps // 3,
-            "r1_gamma": 1.0,
-            "loss": "hinge",
-            "channels": 32,
-            "num_layers": 3,
-            "norm": "none",
-            "groups": 32,
-            "optimizer": common.optimizer(lr=2e-4, warmup_steps=0, b2=0.99),
-        }
-    )
-    config.optimizer = common.optimizer(lr=5e-4, warmup_steps=25)
-    config.ema_decay = 0.999
-    config.mesh = mc.ConfigDict({"data": -1, "fsdp": 1})
-    config.checkpoint = mc.ConfigDict(
-        {"every_steps": 50, "keep_last": 3, "keep_every": 0, "async_save": True}
-    )
+    config.checkpoint.every_steps = 50
     config.log_every_steps = 10
-    # Reconstruction grids (original | masked input | reconstruction) in WORKDIR/samples.
     config.sample_every_steps = 50
-    config.sample = mc.ConfigDict({"num": 8})
     config.progress_every_secs = 30.0
     if arg.smoke:
         config.total_steps = 4

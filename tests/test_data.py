@@ -233,8 +233,10 @@ def test_to_float_maps_uint8_onto_minus_one_one():
     got = transforms.to_float(pixels)
     assert got.dtype == np.float32 and got[0] == -1.0 and got[255] == 1.0
     np.testing.assert_allclose(got, pixels / 127.5 - 1.0, atol=1e-6)
+    latents = np.linspace(-3.0, 3.0, 7, dtype=np.float32)
+    assert transforms.to_float(latents) is latents  # float latents pass through unchanged
     with pytest.raises(ValueError, match="expects uint8"):
-        transforms.to_float(pixels.astype(np.float32))
+        transforms.to_float(pixels.astype(np.int32))
 
 
 def test_center_crop_resize_keeps_the_centre():

@@ -317,14 +317,6 @@ def test_unreadable_weight_files_name_the_file_and_the_expected_form(tmp_path, l
         inception.load_variables(str(tmp_path / "weights" / "text.npz"))
 
 
-def test_pth_without_torch_points_to_the_converter(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
-    path = tmp_path / "weights.pth"
-    path.write_bytes(b"not read")
-    with pytest.raises(ValueError, match=r"needs torch.*apd\.evaluation\.inception convert"):
-        inception.load_variables(str(path), expected_sha256=None)
-
-
 @needs_torch
 def test_inception_pth_wrong_hash_refused_and_converter_cli(tmp_path, inception_variables):
     import torch

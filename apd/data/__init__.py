@@ -1,4 +1,5 @@
-"""Image data for apd: sources (Fashion-MNIST IDX files, TFDS array_record) and grain pipelines.
+"""Image data for apd: sources (Fashion-MNIST IDX files, clip art, TFDS array_record, latent
+datasets of `apd.encode`) and grain pipelines.
 
     source = get_source("fashion_mnist", "train")
     image_shape, num_classes = dataset_info("fashion_mnist")
@@ -15,17 +16,20 @@ from apd.data.pipeline import (
     make_eval_dataset,
 )
 from apd.data.sources import (
+    LATENTS,
     NAMES,
     ArraySource,
     DatasetNotFoundError,
     Source,
     TfdsSource,
     dataset_info,
+    dataset_splits,
     default_data_dir,
     get_source,
 )
 
 __all__ = [
+    "LATENTS",
     "NAMES",
     "ArraySource",
     "DatasetNotFoundError",
@@ -34,6 +38,7 @@ __all__ = [
     "checkpoint_restore_args",
     "checkpoint_save_args",
     "dataset_info",
+    "dataset_splits",
     "default_data_dir",
     "get_source",
     "make_dataset",

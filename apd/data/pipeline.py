@@ -57,7 +57,8 @@ def _resize(record: dict, size: int) -> dict:
 
 
 def _finish_batch(batch: dict) -> dict:
-    """uint8 images -> float32 in [-1, 1]; labels -> int32; other entries unchanged."""
+    """uint8 images -> float32 in [-1, 1], float images (latents) -> float32 unchanged
+    (`transforms.to_float`); labels -> int32; other entries unchanged."""
     return {
         **batch,
         "image": transforms.to_float(batch["image"]),
@@ -81,8 +82,8 @@ def make_dataset(
     """The training stream of this process: an iterator of numpy batches.
 
     Args:
-      source: a random-access source of `{'image': uint8 [H, W, C], 'label': int}` records (see
-        `apd.data.sources.get_source`).
+      source: a random-access source of `{'image': uint8 [H, W, C], 'label': int}` records, or
+        of float32 latents (see `apd.data.sources.get_source`).
       global_batch_size: examples per step over all processes; a multiple of process_count.
       seed: the seed of the shuffle and the flips (the same on every process).
       shuffle: draw a new permutation of the source for each epoch.
@@ -90,16 +91,20 @@ def make_dataset(
         to whole global batches (drop remainder); batches may span epoch boundaries.
       image_size: if set, center crop + resize every image to image_size x image_size (required
         for sources whose images vary in size).
-      random_flip: flip each image left-right with probability 1/2, drawn per stream position.
+      random_flip: flip each image left-right with probability 1/2, drawn per stream position:
+        the record's stored flip where the source stores flips (`stored_flips`, a latent
+        dataset), else the image mirrored; refused for a source that cannot be mirrored
+        (`mirrorable` False) and stores no flips.
       process_index: this process's index; default `jax.process_index()`.
       process_count: the number of processes; default `jax.process_count()`.
       worker_count: worker processes for reading; 0 reads in this process with threads (faster on
         few cores). Worker processes need absl flags parsed (run under `absl.app.run`).
 
     Returns:
-      A `grain.DatasetIterator` of `{'image': float32 [b, H, W, C] in [-1, 1], 'label': int32 [b]}`
-      with b = global_batch_size // process_count. `get_state()` / `set_state(state)` save and
-      resume the exact stream; see `checkpoint_save_args` for Orbax.
+      A `grain.DatasetIterator` of `{'image': float32 [b, H, W, C] in [-1, 1] (latents: as the
+      source holds them), 'label': int32 [b]}` with b = global_batch_size // process_count.
+      `get_state()` / `set_state(state)` save and resume the exact stream; see
+      `checkpoint_save_args` for Orbax.
     """
     index, _, batch_size = _process_shard(process_index, process_count, global_batch_size)
     _check_image_size(image_size)
@@ -109,12 +114,22 @@ def make_dataset(
         )
     if len(source) < 1:
         raise ValueError(f"the source {source!r} holds no records.")
+    stored_flips = getattr(source, "stored_flips", False)
+    if random_flip and not (stored_flips or getattr(source, "mirrorable", True)):
+        raise ValueError(
+            f"random_flip=True needs the flipped images, which {source!r} does not store (its "
+            "records cannot be mirrored: latents of a mirrored image are not mirrored latents). "
+            "Encode the dataset with config.data.random_flip=True (apd.encode), or set "
+            "config.data.random_flip=False."
+        )
     records = grain.MapDataset.source(source).seed(seed)
     if shuffle:
         records = records.shuffle()
     records = records.repeat(num_epochs)
     if random_flip:
         records = records.random_map(transforms.random_flip)
+    elif stored_flips:
+        records = records.map(transforms.drop_flipped)
     if image_size is not None:
         records = records.map(functools.partial(_resize, size=image_size))
     if num_epochs is not None:
@@ -160,7 +175,7 @@ class _PaddedRecords:
         self._padding = {"image": np.zeros_like(image), "label": 0, "mask": False}
 
     def _load(self, index: int) -> dict:
-        record = self._source[index]
+        record = transforms.drop_flipped(self._source[index])
         return record if self._image_size is None else _resize(record, self._image_size)
 
     def __call__(self, index: int) -> dict:
@@ -180,13 +195,15 @@ def make_eval_dataset(
 ) -> grain.MapDataset:
     """One ordered pass over the first `num_examples` records, split over processes.
 
-    The examples are padded with black images (uint8 0, i.e. -1 after scaling; label 0, mask
-    False) up to a whole number of global batches; process p takes positions p, p + k, ... of that
+    The examples (unflipped: a stored flip is dropped) are padded with black images (uint8 0,
+    i.e. -1 after scaling; zeros for latents; label 0, mask False) up to a whole number of
+    global batches; process p takes positions p, p + k, ... of that
     padded sequence. So every process yields the same number of full-size batches, and masked
     means over all processes count each example exactly once.
 
     Args:
-      source: a random-access source of `{'image': uint8 [H, W, C], 'label': int}` records.
+      source: a random-access source of `{'image': uint8 [H, W, C], 'label': int}` records, or
+        of float32 latents.
       global_batch_size: examples per step over all processes; a multiple of process_count.
       num_examples: how many records to evaluate, from the start of the source; default all.
       image_size: if set, center crop + resize every image to image_size x image_size.
@@ -194,9 +211,10 @@ def make_eval_dataset(
       process_count: the number of processes; default `jax.process_count()`.
 
     Returns:
-      A re-iterable `grain.MapDataset` of `{'image': float32 [b, H, W, C] in [-1, 1], 'label':
-      int32 [b], 'mask': bool [b]}` with b = global_batch_size // process_count; `len()` is the
-      number of batches, ceil(num_examples / global_batch_size).
+      A re-iterable `grain.MapDataset` of `{'image': float32 [b, H, W, C] in [-1, 1] (latents:
+      as the source holds them), 'label': int32 [b], 'mask': bool [b]}` with
+      b = global_batch_size // process_count; `len()` is the number of batches,
+      ceil(num_examples / global_batch_size).
     """
     index, count, batch_size = _process_shard(process_index, process_count, global_batch_size)
     _check_image_size(image_size)

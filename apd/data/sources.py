@@ -12,9 +12,21 @@ raises `DatasetNotFoundError` before anything heavy is built.
 | `cifar10`      | 32 x 32 x 3    | 10      | train, test        | TFDS                           |
 | `imagenet2012` | varies (x 3)   | 1000    | train, validation  | TFDS (manual tarballs)         |
 | `lsun/bedroom` | varies (x 3)   | 0       | train, validation  | TFDS                           |
+| `latents`      | h x w x D      | encoded | encoded            | `path=DIR` of `apd.encode`     |
 
 Images of varying size need an `image_size` (center crop + resize, done in the pipeline).
 `num_classes == 0` means unlabelled: such records carry label 0.
+
+`latents` is an image dataset encoded by an autoencoder (`python -m apd.encode`,
+`apd.data.latents`): records `{'image': float32 [h, w, D] normalised pre-quantisation latents,
+'label': int}` read through grain's ArrayRecordDataSource; its shape, classes and splits are
+those in DIR/latents.json (the encoded dataset's classes and splits), and it takes no
+`image_size`. Where the encode stored flips (the train split of a dataset with
+`config.data.random_flip`), the pipeline's `random_flip` picks the stored latents of the
+mirrored image (mirroring latents is not encoding the mirrored image); without them
+`random_flip` is refused. Such sources say so with two optional attributes the pipeline reads:
+`stored_flips` (records carry `transforms.FLIPPED`; default False) and `mirrorable` (mirroring
+the image gives the flipped record; default True).
 """
 
 import dataclasses
@@ -66,25 +78,37 @@ _SPECS = {
     ),
     "lsun/bedroom": _Spec((None, None, 3), 0, ("train", "validation")),
 }
-NAMES = tuple(_SPECS)
+LATENTS = "latents"
+NAMES = (*_SPECS, LATENTS)
 
 _VERSION = re.compile(r"^\d+\.\d+\.\d+$")
 
 
-def dataset_info(name: str, image_size: int | None = None) -> tuple[tuple[int, int, int], int]:
+def dataset_info(
+    name: str, image_size: int | None = None, *, path: str | None = None
+) -> tuple[tuple[int, int, int], int]:
     """The shape of one image as the pipeline delivers it, and the number of classes.
 
-    Lets a binary build its model before touching any data.
+    Lets a binary build its model before touching any data (for `latents`, only its
+    latents.json is read).
 
     Args:
       name: one of `NAMES`.
       image_size: the `image_size` passed to the pipeline (center crop + resize), or None to keep
-        the stored size (only for datasets whose images all have one size).
+        the stored size (only for datasets whose images all have one size; `latents` takes
+        None).
+      path: the dataset's `path` (config.data.path); needed by `latents` (the directory of
+        apd.encode), not read by the others.
 
     Returns:
-      (image_shape (H, W, C), num_classes); num_classes is 0 for unlabelled datasets.
+      (image_shape (H, W, C), num_classes); num_classes is 0 for unlabelled datasets. For
+      `latents`, the latent shape (h, w, D) and the encoded dataset's classes.
     """
     check_choice("dataset", name, NAMES)
+    if name == LATENTS:
+        from apd.data import latents
+
+        return latents.info(path, image_size)
     spec = _SPECS[name]
     height, width, channels = spec.image_shape
     if image_size is not None:
@@ -95,6 +119,17 @@ def dataset_info(name: str, image_size: int | None = None) -> tuple[tuple[int, i
             "resize them to a square."
         )
     return (height, width, channels), spec.num_classes
+
+
+def dataset_splits(name: str, *, path: str | None = None) -> tuple[str, ...]:
+    """The splits of a dataset (see the module table); for `latents`, those its latents.json
+    lists (path: the directory of apd.encode)."""
+    check_choice("dataset", name, NAMES)
+    if name == LATENTS:
+        from apd.data import latents
+
+        return latents.splits(path)
+    return _SPECS[name].splits
 
 
 class ArraySource:
@@ -203,7 +238,8 @@ def _tfds_source(name: str, split: str, data_dir: str) -> TfdsSource:
 def get_source(
     name: str, split: str, *, data_dir: str | None = None, path: str | None = None
 ) -> Source:
-    """A random-access source of `{'image': uint8 [H, W, C], 'label': int}` records.
+    """A random-access source of `{'image': uint8 [H, W, C], 'label': int}` records (`latents`:
+    float32 [h, w, D] latents, `apd.data.latents.LatentSource`).
 
     Args:
       name: one of `NAMES`.
@@ -213,14 +249,21 @@ def get_source(
         `/usr/share/datasets/fashion-mnist`. If that default directory is missing, a Fashion-MNIST
         prepared by TFDS in `data_dir` is used instead. For `clipart`, the root of the category
         folders; default `/usr/share/openclipart/png` (decoded once into a cache,
-        `apd.data.clipart`). Other datasets take no path.
+        `apd.data.clipart`). For `latents` (required), the output directory of apd.encode.
+        Other datasets take no path.
 
     Raises:
-      DatasetNotFoundError: the dataset is not on this machine; the message names the dataset, the
-        places looked in and the command that prepares it.
-      ValueError: unknown name or split, or `path` given for a dataset other than fashion_mnist.
+      DatasetNotFoundError: the dataset is not on this machine (for `latents`: no directory, or
+        an encode that did not finish); the message names the dataset, the places looked in and
+        the command that prepares it.
+      ValueError: unknown name or split, `path` given for a TFDS dataset, or a `latents`
+        directory of another format.
     """
     check_choice("dataset", name, NAMES)
+    if name == LATENTS:
+        from apd.data import latents
+
+        return latents.LatentSource(path, split)
     check_choice(f"split of {name}", split, _SPECS[name].splits)
     data_dir = data_dir or default_data_dir()
     if name == "clipart":
@@ -231,8 +274,9 @@ def get_source(
     if name != "fashion_mnist":
         if path is not None:
             raise ValueError(
-                f"path={path!r} applies to fashion_mnist and clipart only (their files' "
-                f"directory); {name!r} is read from the TFDS data_dir."
+                f"path={path!r} applies to fashion_mnist and clipart only among image datasets "
+                f"(their files' directory; latents: apd.encode's directory); {name!r} is read "
+                "from the TFDS data_dir."
             )
         return _tfds_source(name, split, data_dir)
     if os.path.isdir(path or fashion_mnist.DEFAULT_PATH):

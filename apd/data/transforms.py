@@ -1,25 +1,35 @@
 """Image transforms on numpy records and batches (host side, before anything reaches a device).
 
-Records are dicts `{'image': uint8 [H, W, C], 'label': int}`; batches stack them along a leading
-axis. Per-record transforms run on uint8 (cheap to copy); the conversion to float runs once per
-batch.
+Records are dicts `{'image': uint8 [H, W, C], 'label': int}`, or for a latent dataset
+(`apd.data.latents`) `{'image': float32 [h, w, D], 'label': int}` with, where the dataset stores
+flips, the flipped latents under `FLIPPED`; batches stack them along a leading axis. Per-record
+transforms run on uint8 (cheap to copy); the conversion to float runs once per batch.
 """
 
 import numpy as np
 from PIL import Image
 
+FLIPPED = "flipped_image"
+"""The record key of a stored flip: the image (latents) of the record mirrored left-right, where
+mirroring the array is not the flip (latents of the mirrored image, `apd.data.latents`)."""
+
 
 def to_float(images: np.ndarray) -> np.ndarray:
-    """Maps uint8 pixels to float32 in [-1, 1]: 0 -> -1, 255 -> 1.
+    """Maps uint8 pixels to float32 in [-1, 1] (0 -> -1, 255 -> 1); float arrays (latents) pass
+    through as float32, their values unchanged.
 
     Args:
-      images: uint8 [..., H, W, C] in [0, 255].
+      images: uint8 [..., H, W, C] in [0, 255], or a float array.
 
     Returns:
-      float32 [..., H, W, C] in [-1, 1].
+      float32 [..., H, W, C]: in [-1, 1] for uint8 input.
     """
+    if np.issubdtype(images.dtype, np.floating):
+        return images.astype(np.float32, copy=False)
     if images.dtype != np.uint8:
-        raise ValueError(f"to_float expects uint8 pixels in [0, 255]; got dtype {images.dtype}.")
+        raise ValueError(
+            f"to_float expects uint8 pixels in [0, 255] or float latents; got dtype {images.dtype}."
+        )
     return images.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
 
 
@@ -54,16 +64,30 @@ def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def random_flip(record: dict, rng: np.random.Generator) -> dict:
-    """Flips the record's image left-right with probability 1/2.
+    """Flips the record's image left-right with probability 1/2: its stored flip (`FLIPPED`)
+    where the record has one, else the image mirrored.
 
     Args:
-      record: `{'image': [H, W, C], ...}`; other entries pass through.
+      record: `{'image': [H, W, C], ...}`, optionally with `FLIPPED`; other entries pass
+        through.
       rng: the generator grain derives for this record (from the pipeline seed and the record's
         position in the stream), so the flips are deterministic and resumable.
 
     Returns:
-      The record with its image flipped or not.
+      The record with its image flipped or not, without `FLIPPED`.
     """
-    if rng.random() < 0.5:
+    flip = rng.random() < 0.5
+    if FLIPPED in record:
+        record = dict(record)
+        flipped = record.pop(FLIPPED)
+        return {**record, "image": flipped} if flip else record
+    if flip:
         return {**record, "image": record["image"][:, ::-1]}
     return record
+
+
+def drop_flipped(record: dict) -> dict:
+    """The record without its stored flip (`FLIPPED`), for pipelines that do not flip."""
+    if FLIPPED not in record:
+        return record
+    return {k: v for k, v in record.items() if k != FLIPPED}

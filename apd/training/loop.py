@@ -121,7 +121,9 @@ def prepare(config: mc.ConfigDict, workdir: str) -> Prepared:
             raise ValueError(f"config.{name} must be an integer >= {low}; got {value!r}.")
     mesh = mesh_lib.make(config.mesh.data, config.mesh.fsdp)
     mesh_lib.check_batch_size(config.data.global_batch_size, mesh, jax.process_count())
-    image_shape, num_classes = data_lib.dataset_info(config.data.name, config.data.image_size)
+    image_shape, num_classes = data_lib.dataset_info(
+        config.data.name, config.data.image_size, path=config.data.path
+    )
     if not config.model.class_conditional:
         num_classes = 0
     source = data_lib.get_source(

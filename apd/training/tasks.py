@@ -28,7 +28,7 @@ import jax
 import ml_collections as mc
 import numpy as np
 
-from apd import checks, corruption, levels, losses, plans
+from apd import checks, corruption, levels, losses, plans, runs
 from apd.sampling import images as sample_images
 from apd.training import autoencoder_task, builder
 from apd.training import mesh as mesh_lib
@@ -60,13 +60,18 @@ class Diffusion:
         checks.check_choice("loss weighting", config.diffusion.weighting, losses.WEIGHTINGS)
         if config.get("sample_every_steps", 0):
             plans.synchronous(config.sample.steps, config.sample.num, image_shape[:-1])
+        if config.data.name == runs.LATENT_DATA:
+            # The latent dataset's autoencoder must be readable (and be the one
+            # config.autoencoder.workdir names, when set) before anything is written.
+            runs.load_codec(config)
 
     def build(self, config, mesh, image_shape, num_classes) -> builder.Run:
         return builder.build(config, mesh, image_shape, num_classes)
 
     def visualiser(self, config, prepared) -> Visualise | None:
         """Sample grids of the EMA parameters along the synchronous plan, with fixed noise and
-        labels so the grids are comparable across steps: WORKDIR/samples/step_N.png."""
+        labels so the grids are comparable across steps: WORKDIR/samples/step_N.png (a latent
+        run's samples decoded by its autoencoder)."""
         if not config.get("sample_every_steps", 0):
             return None
         num_classes, image_shape = prepared.num_classes, prepared.image_shape
@@ -82,9 +87,12 @@ class Diffusion:
             out_sharding=mesh_lib.replicated(prepared.mesh),
         )
         key = jax.random.key(config.seed)
+        codec = runs.load_codec(config)
 
         def visualise(state, step: int, workdir: str) -> None:
             images = jax.device_get(sample_fn(state.ema_params, plan, key, labels=labels))
+            if codec is not None:
+                images = np.asarray(codec.decode(images))
             if jax.process_index() == 0:
                 sample_images.write_sample_grid(
                     os.path.join(workdir, "samples", f"step_{step:08d}.png"), images
