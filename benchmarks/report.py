@@ -1,6 +1,7 @@
 """Shared by the benchmark scripts: what each records beside its numbers (the command that
 reproduces them, every flag's value, defaults included, and the machine; `write(path, record,
-args)` adds these and writes the JSON) and `median_seconds`, the plain timing loop."""
+args)` adds these and writes the JSON), `median_seconds`, the plain timing loop, and
+`matmul_peak`, the machine's measured matmul rate that FLOP utilisations are quoted against."""
 
 import argparse
 import json
@@ -36,6 +37,24 @@ def median_seconds(fn, *args, reps: int) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def matmul_peak(dtype, devices, n: int = 2048, reps: int = 7) -> float:
+    """Best GFLOP/s of n x n x n matmuls with `dtype` operands and float32 accumulation, one per
+    device of `devices`, all at once."""
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(Mesh(list(devices), ("data",)), PartitionSpec("data"))
+    a = jax.device_put(jnp.ones((len(devices), n, n), dtype), sharding)
+    f = jax.jit(lambda a, b: jnp.einsum("bij,bjk->bik", a, b, preferred_element_type=jnp.float32))
+    f(a, a).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(a, a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * len(devices) * n**3 / min(times) / 1e9
 
 
 def machine() -> dict:

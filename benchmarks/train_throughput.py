@@ -56,21 +56,6 @@ from experiments import fashion_mnist  # noqa: E402
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
-def matmul_peak(dtype, devices, n: int = 2048, reps: int = 7) -> float:
-    """Best GFLOP/s of n x n x n matmuls with `dtype` operands and float32 accumulation, one per
-    device of `devices`, all at once."""
-    sharding = mesh_lib.batch_sharding(mesh_lib.make(-1, 1, devices))
-    a = jax.device_put(jnp.ones((len(devices), n, n), dtype), sharding)
-    f = jax.jit(lambda a, b: jnp.einsum("bij,bjk->bik", a, b, preferred_element_type=jnp.float32))
-    f(a, a).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f(a, a).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * len(devices) * n**3 / min(times) / 1e9
-
-
 # (label, model size, model options, image shape, global batch)
 MODELS = [
     ("unet-small fmnist f32", "unet-small", {}, (28, 28, 1), 64),
@@ -146,7 +131,7 @@ def main():
     all_devices = jax.devices()
     meshes = sorted({1, len(all_devices)})
     measured = {
-        precision: {n: matmul_peak(dtype, all_devices[:n]) for n in meshes}
+        precision: {n: report.matmul_peak(dtype, all_devices[:n]) for n in meshes}
         for precision, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16))
     }
     peaks = {precision: max(by_mesh.values()) for precision, by_mesh in measured.items()}
