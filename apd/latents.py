@@ -213,6 +213,13 @@ def _encode(model, variables, images, known, shift, scale):
 
 
 @functools.partial(jax.jit, static_argnums=0)
+def _codes(model, variables, images, known, shift, scale):
+    del shift, scale
+    z = model.apply(variables, images, known, method="encode")
+    return model.apply(variables, z, method="quantize").codes
+
+
+@functools.partial(jax.jit, static_argnums=0)
 def _decode(model, variables, latents, known, shift, scale):
     z = latents * _stats_shape(scale) + _stats_shape(shift)
     quantized = model.apply(variables, z, method="quantize").quantized
@@ -427,6 +434,18 @@ class Codec:
         """As `encode`, without the normalisation: the encoder's output z."""
         self._check_images(images, known)
         return self._run(_encode, images, known, *self._raw)
+
+    def codes(self, images: Any, known: Any = None) -> Array:
+        """The code of every latent token: int32 [B, H / f, W / f] in [0, `num_codes`)."""
+        self._check_images(images, known)
+        return self._run(_codes, images, known, *self._raw)
+
+    @property
+    def num_codes(self) -> int:
+        """The size of the quantiser's code space (a VQ codebook's entries, FSQ's grid)."""
+        return int(
+            quantizers.from_config(dict(self.model.quantizer_config), self.latent_dim).num_codes
+        )
 
     def decode(self, latents: Any, known: Any = None) -> Array:
         """Normalised latents -> images: un-normalise (z * scale + shift), quantise, decode.

@@ -442,13 +442,6 @@ class Sampler:
         }
         return dataclasses.replace(out, images=decoded.astype(np.float32), extras=extras)
 
-    def reconstruct(self, images: np.ndarray) -> np.ndarray:
-        """A latent run's autoencoder on images [N, H, W, C]: decode(encode(x)), no mask."""
-        if self.run.codec is None:
-            raise ValueError("reconstruct needs a latent run (run.codec); this run is in pixels.")
-        tokens, _ = self._to_tokens(images, None)
-        return self.map_rows(self.run.codec.decode, tokens)
-
     def _token_levels(self, levels: np.ndarray) -> np.ndarray:
         """Per-pixel levels [N, H, W] -> per-token levels [N, h, w] for a latent run: a token
         takes the highest level of the pixels it covers (so it is kept, level 0, only when all of

@@ -737,33 +737,22 @@ class Evaluator:
                 "the 'reconstruction' evaluator scores a latent run's autoencoder; this run is "
                 "in pixel space (config.data.name is not 'latents')."
             )
-        from apd.models import autoencoder
-
         cfg = self.cfg.inpainting
-        codec = self.run.codec
         x, _ = self.inputs(cfg.num_images)
-        y = self.sampler.reconstruct(x)
+        known = {
+            family: masks.make_masks(family, unit.seed, cfg.num_images, self.run.image_shape[:2])
+            for family in cfg.families
+        }
+        y, metrics = autoencoder_metrics(self.run.codec, x, known, self.sampler.map_rows)
         metrics = {
             **self._scores(y, kid_exclude=cfg.num_images),
-            "psnr": float(np.mean(np.asarray(image_metrics.psnr(y, x)))),
-            "ssim": float(np.mean(np.asarray(image_metrics.ssim(y, x)))),
+            **metrics,
             "lpips": self._lpips(y, x),
         }
-        full = self.sampler.map_rows(codec.encode_raw, x)
-        leaks = []
-        for family in cfg.families:
-            known = masks.make_masks(family, unit.seed, cfg.num_images, self.run.image_shape[:2])
-            masked = self.sampler.map_rows(codec.encode_raw, x, known)
-            tokens = self.sampler.map_rows(codec.latent_mask, known)
-            value = float(autoencoder.leakage(masked, full, tokens))
-            metrics[f"leakage/{family}"] = value
-            leaks.append(value)
-        finite = [v for v in leaks if math.isfinite(v)]
-        metrics["leakage"] = float(np.mean(finite)) if finite else None
         n = self.cfg.report_images
         panel = images.side_by_side(x[:n], images.to_uint8(y[:n]))
         images.write_png(os.path.join(out_dir, f"{unit.name}.png"), images.grid(panel, 1))
-        return metrics, {"images": f"{unit.name}.png", "autoencoder": codec.identity}
+        return metrics, {"images": f"{unit.name}.png", "autoencoder": self.run.codec.identity}
 
     def _lpips(self, y: np.ndarray, x: np.ndarray) -> float | None:
         if self.lpips_params is None:
@@ -804,6 +793,52 @@ class Evaluator:
         }
         extra = {"labels": "null (unconditional likelihood)", "path": unit.path}
         return metrics, extra
+
+
+def autoencoder_metrics(
+    codec: Any,
+    x: np.ndarray,
+    known: dict[str, np.ndarray],
+    map_rows: Callable[..., np.ndarray],
+) -> tuple[np.ndarray, dict[str, float | None]]:
+    """A latent codec (`apd.latents.Codec`) on images: (decode(encode(x)), metrics).
+
+    Metrics: 'psnr', 'ssim' (means over the images), 'code_usage' (the fraction of the code space
+    the images' tokens use), 'code_perplexity' (exp of the entropy of their code histogram),
+    'leakage/FAMILY' (`apd.models.autoencoder.leakage` of the fully known tokens when x is
+    encoded with the family's masks) and 'leakage' (their mean over families).
+
+    Args:
+      codec: the codec.
+      x: float32 [N, H, W, C] in [-1, 1].
+      known: family -> masks [N, H, W] (1 = known pixel).
+      map_rows: fn(codec_method, *arrays) -> numpy, applying a codec method in batches
+        (`run_sampler.Sampler.map_rows`).
+    """
+    from apd.models import autoencoder
+
+    y = map_rows(lambda rows: codec.decode(codec.encode(rows)), x)
+    codes = map_rows(codec.codes, x)
+    counts = np.bincount(codes.ravel(), minlength=codec.num_codes).astype(np.float64)
+    p = counts / counts.sum()
+    nonzero = p[p > 0]
+    metrics: dict[str, float | None] = {
+        "psnr": float(np.mean(np.asarray(image_metrics.psnr(y, x)))),
+        "ssim": float(np.mean(np.asarray(image_metrics.ssim(y, x)))),
+        "code_usage": float(np.mean(counts > 0)),
+        "code_perplexity": float(np.exp(-np.sum(nonzero * np.log(nonzero)))),
+    }
+    full = map_rows(codec.encode_raw, x)
+    leaks = []
+    for family, masks_ in known.items():
+        masked = map_rows(codec.encode_raw, x, masks_)
+        tokens = map_rows(codec.latent_mask, masks_)
+        value = float(autoencoder.leakage(masked, full, tokens))
+        metrics[f"leakage/{family}"] = value
+        leaks.append(value)
+    finite = [v for v in leaks if math.isfinite(v)]
+    metrics["leakage"] = float(np.mean(finite)) if finite else None
+    return y, metrics
 
 
 # ---------------------------------------------------------------------------------------------

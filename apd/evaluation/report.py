@@ -164,20 +164,33 @@ def write(
         if recon:
             lines += [f"## The autoencoder (checkpoint {latest})", ""]
             leaks = sorted(k for k in recon if k.startswith("leakage/"))
-            header = ["PSNR (dB)", "SSIM", "LPIPS", "rFID", "rKID", "leakage", *leaks]
+            header = [
+                "PSNR (dB)",
+                "SSIM",
+                "LPIPS",
+                "rFID",
+                "rKID",
+                "code usage",
+                "perplexity",
+                "leakage",
+                *leaks,
+            ]
             cells = [
                 fmt(recon.get("psnr")),
                 fmt(recon.get("ssim"), 3),
                 fmt(recon.get("lpips"), 3),
                 fmt(recon.get("fid")),
                 fmt(recon.get("kid"), 4),
+                fmt(recon.get("code_usage"), 3),
+                fmt(recon.get("code_perplexity"), 1),
                 fmt(recon.get("leakage"), 4),
                 *[fmt(recon.get(k), 4) for k in leaks],
             ]
             lines += [*_table(header, ["| " + " | ".join(cells) + " |"]), ""]
             lines += [
                 "decode(encode(x)) of the inpainting inputs, no mask (rFID/rKID against the split "
-                "without them). leakage: how far the fully known tokens' latents move when the "
+                "without them); code usage: the fraction of the code space their tokens use. "
+                "leakage: how far the fully known tokens' latents move when the "
                 "image is encoded with a hole (mean |z_masked - z_full| / std(z_full)), per mask "
                 "family.",
                 "",
