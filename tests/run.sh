@@ -11,17 +11,21 @@ echo "== ruff format --check && ruff check"
 "$VENV/bin/ruff" format --check .
 "$VENV/bin/ruff" check .
 
-# The clip art of apd.data.clipart (tests that read the installed package skip without it).
-if [ ! -d /usr/share/openclipart/png ]; then
-  echo "== installing the Debian package openclipart-png"
+# The embedded datasets' Debian packages: Fashion-MNIST's IDX files and the clip art of
+# apd.data.clipart (tests that read an installed package skip without it).
+missing=()
+[ -d /usr/share/datasets/fashion-mnist ] || missing+=(dataset-fashion-mnist)
+[ -d /usr/share/openclipart/png ] || missing+=(openclipart-png)
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "== installing the Debian packages ${missing[*]}"
+  warning="warning: could not install ${missing[*]}; the tests that read them are skipped"
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -q && apt-get install -y -q openclipart-png \
-      || echo "warning: could not install openclipart-png; its tests are skipped" >&2
+    { apt-get update -q && apt-get install -y -q "${missing[@]}"; } || echo "$warning" >&2
   elif command -v sudo >/dev/null 2>&1; then
-    sudo -n apt-get update -q && sudo -n apt-get install -y -q openclipart-png \
-      || echo "warning: could not install openclipart-png; its tests are skipped" >&2
+    { sudo -n apt-get update -q && sudo -n apt-get install -y -q "${missing[@]}"; } \
+      || echo "$warning" >&2
   else
-    echo "warning: openclipart-png is not installed (no root or sudo); its tests are skipped" >&2
+    echo "warning: ${missing[*]} not installed (no root or sudo); the tests that read them are skipped" >&2
   fi
 fi
 

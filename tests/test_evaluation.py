@@ -11,6 +11,7 @@ import zipfile
 import helpers
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import scipy.linalg
@@ -26,6 +27,7 @@ from apd.evaluation import (
     kid,
     lpips,
     masks,
+    protocol,
     reference,
 )
 
@@ -933,3 +935,18 @@ def test_integrity_records_round_trip(tmp_path):
         assert json.load(f) == {"a": [1, 2], "b": 1}
     with pytest.raises(ValueError, match="8 hex digits"):
         integrity.check_sha256(path, "abc", "record")
+
+
+def test_reference_statistics_are_named_by_dataset_size_count_and_path():
+    """Statistics of 64 smoke images, or of a clip-art tree elsewhere, are never reused for the
+    full split of the installed package."""
+    base = ml_collections.ConfigDict({"name": "clipart", "image_size": None, "path": None})
+    full = protocol.reference_name(base, 504)
+    assert full == "clipart_native_n504"
+    assert protocol.reference_name(base, 64) != full
+    elsewhere = ml_collections.ConfigDict({**base.to_dict(), "path": "/tmp/a/tree"})
+    other = ml_collections.ConfigDict({**base.to_dict(), "path": "/tmp/b/tree"})
+    names = {full, protocol.reference_name(elsewhere, 504), protocol.reference_name(other, 504)}
+    assert len(names) == 3
+    lsun = ml_collections.ConfigDict({"name": "lsun/bedroom", "image_size": 256, "path": None})
+    assert protocol.reference_name(lsun, 10000) == "lsun_bedroom_256_n10000"

@@ -41,6 +41,7 @@ replicated): the evaluation samples exactly as a notebook calling the same metho
 """
 
 import dataclasses
+import hashlib
 import math
 import os
 import time
@@ -455,6 +456,17 @@ def require_inception_weights(weights: str | None, dataset: str) -> None:
         )
 
 
+def reference_name(data_cfg: mc.ConfigDict, count: int) -> str:
+    """The reference cache's name of `count` images of a dataset: its name, image size, the
+    count and, for a dataset read from a path (Fashion-MNIST's IDX files, a clip-art tree), a
+    hash of that path, so statistics of other images are never reused."""
+    name = f"{data_cfg.name}_{data_cfg.image_size or 'native'}_n{count}"
+    if data_cfg.get("path"):
+        where = hashlib.sha256(os.path.abspath(data_cfg.path).encode()).hexdigest()[:8]
+        name += f"_{where}"
+    return name.replace("/", "_")
+
+
 def inception_features(
     weights: str | None,
     cache_dir: str,
@@ -476,12 +488,12 @@ def inception_features(
     fn = inception.feature_fn()
     embed = lambda batch: fn(variables, jnp.asarray(batch))  # noqa: E731
     ref_dir = os.path.join(cache_dir, "reference")
+    source = data_lib.get_source(
+        data_cfg.name, split, data_dir=data_cfg.data_dir, path=data_cfg.path
+    )
+    count = min(num_reference, len(source))
 
     def compute() -> reference.Stats:
-        source = data_lib.get_source(
-            data_cfg.name, split, data_dir=data_cfg.data_dir, path=data_cfg.path
-        )
-        count = min(num_reference, len(source))
         dataset = data_lib.make_eval_dataset(
             source,
             global_batch_size=min(100, count),
@@ -497,7 +509,7 @@ def inception_features(
 
         return reference.accumulate(embed, batches(), 2048)
 
-    name = f"{data_cfg.name}_{data_cfg.image_size or 'native'}".replace("/", "_")
+    name = reference_name(data_cfg, count)
     stats = reference.load_or_compute(ref_dir, name, split, sha256, compute)
     return Features(
         name="inception_v3",
