@@ -50,6 +50,48 @@ def check_level_shape(levels_shape: Sequence[int], x_shape: Sequence[int]) -> No
         )
 
 
+def check_mask(
+    mask,
+    shape: Sequence[int] | int,
+    what: str,
+    *,
+    form: str = "a pixel mask [B, H, W]",
+    zero: str = "hole",
+    one: str = "known pixel",
+    optional: bool = False,
+) -> None:
+    """Raises ValueError unless `mask` is a binary mask: 1 = `one`, 0 = `zero`.
+
+    Args:
+      mask: array-like of any numeric or bool dtype; its values are checked only when concrete.
+      shape: the exact shape, or an int n: any shape of at least n axes.
+      what: the mask's name in messages, e.g. "encode: known".
+      form: the expected layout in messages, e.g. "[B, *tokens]".
+      zero, one: what 0 and 1 mean, in messages.
+      optional: None passes (and the shape message says so).
+    """
+    if optional and mask is None:
+        return
+    actual = tuple(np.shape(mask))
+    if isinstance(shape, numbers.Integral):
+        ok, expected = len(actual) >= shape, f"{form} of at least {shape} axes"
+    else:
+        ok, expected = actual == tuple(shape), f"{form} = {tuple(shape)}"
+    if not ok:
+        raise ValueError(
+            f"{what} must be {expected} (1 = {one}, 0 = {zero})"
+            f"{' or None' if optional else ''}; got shape {actual}."
+        )
+    if is_concrete(mask):
+        arr = np.asarray(mask)
+        bad = arr[(arr != 0) & (arr != 1)]
+        if bad.size:
+            raise ValueError(
+                f"{what} must hold only 0 ({zero}) and 1 ({one}); got a value "
+                f"{bad.ravel()[0].item()!r}."
+            )
+
+
 def check_choice(kind: str, value: str, choices: Sequence[str]) -> None:
     """Raises ValueError naming the bad value and the valid choices."""
     if value not in choices:

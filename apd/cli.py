@@ -82,6 +82,28 @@ def parse_flags(argv: Sequence[str], program: str) -> list[str]:
         sys.exit(f"{program}: error: {_flag_error(err)} (see --help)")
 
 
+def take_config_overrides(
+    argv: Sequence[str], program: str
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Splits `--config.KEY=VALUE` overrides off a command line, for a binary whose `--config`
+    is a file path loaded after parsing (`apd.evaluate.load_config` applies the overrides).
+
+    Returns:
+      (the other arguments, [(KEY, raw VALUE)] in command-line order).
+    An override without `=VALUE` ends the program with one line and exit code 1, like a bad flag.
+    """
+    rest, overrides = [], []
+    for arg in argv:
+        if arg.startswith("--config."):
+            key, sep, value = arg[len("--config.") :].partition("=")
+            if not sep:
+                sys.exit(f"{program}: error: {arg} needs a value (--config.KEY=VALUE).")
+            overrides.append((key, value))
+        else:
+            rest.append(arg)
+    return rest, overrides
+
+
 def _flag_error(err: BaseException) -> str:
     # An unknown config key arrives as AttributeError(KeyError("'key'\nDid you mean ...")).
     cause = err.args[0] if isinstance(err, AttributeError) and err.args else err

@@ -24,7 +24,6 @@ another encode) ends with one line `apd.encode: error: ...` and exit code 1.
 
 import dataclasses
 import shlex
-import sys
 from collections.abc import Sequence
 
 import jax
@@ -124,17 +123,9 @@ def run(
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
     """Parses this binary's flags (then absl's); `--config.KEY=VALUE` overrides are set aside."""
-    _OVERRIDES.clear()
     _ARGV[:] = argv
-    rest = []
-    for arg in argv:
-        if arg.startswith("--config."):
-            key, sep, value = arg[len("--config.") :].partition("=")
-            if not sep:
-                sys.exit(f"apd.encode: error: {arg} needs a value (--config.KEY=VALUE).")
-            _OVERRIDES.append((key, value))
-        else:
-            rest.append(arg)
+    rest, overrides = cli.take_config_overrides(argv, "apd.encode")
+    _OVERRIDES[:] = overrides
     return runs.parse_binary_flags(_FLAGS, rest, "apd.encode", __doc__)
 
 

@@ -31,7 +31,6 @@ reported when --lpips_weights is given. Nothing is downloaded.
 """
 
 import os
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -456,16 +455,8 @@ def load_config(spec: str, overrides: Sequence[tuple[str, str]] = ()):
 def parse_flags(argv: Sequence[str]) -> list[str]:
     """Parses this binary's flags (then absl's, e.g. --v); see `runs.parse_binary_flags`.
     `--config.KEY=VALUE` overrides are set aside for `load_config`."""
-    _OVERRIDES.clear()
-    rest = []
-    for arg in argv:
-        if arg.startswith("--config."):
-            key, sep, value = arg[len("--config.") :].partition("=")
-            if not sep:
-                sys.exit(f"apd.evaluate: error: {arg} needs a value (--config.KEY=VALUE).")
-            _OVERRIDES.append((key, value))
-        else:
-            rest.append(arg)
+    rest, overrides = cli.take_config_overrides(argv, "apd.evaluate")
+    _OVERRIDES[:] = overrides
     return runs.parse_binary_flags(_FLAGS, rest, "apd.evaluate", __doc__)
 
 

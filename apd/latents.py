@@ -488,7 +488,7 @@ class Codec:
                 "(uint8 pixels: apd.data.transforms.to_float)."
             )
         self.latent_shape(shape[1:])
-        _check_known(known, shape[:3], "encode")
+        checks.check_mask(known, shape[:3], "encode: known", optional=True)
 
     def _check_latents(self, latents: Any, known: Any) -> None:
         shape = tuple(np.shape(latents))
@@ -497,25 +497,8 @@ class Codec:
                 f"decode: latents must be [B, h, w, {self.latent_dim}] with B >= 1; got shape "
                 f"{shape}."
             )
-        _check_known(known, (shape[0], shape[1] * self.factor, shape[2] * self.factor), "decode")
-
-
-def _check_known(known: Any, grid: tuple[int, ...], what: str) -> None:
-    """known must be None or a pixel mask of shape `grid` holding only 0 and 1."""
-    if known is None:
-        return
-    if tuple(np.shape(known)) != tuple(grid):
-        raise ValueError(
-            f"{what}: known must be a pixel mask [B, H, W] = {tuple(grid)} (1 = known, 0 = hole) "
-            f"or None; got shape {tuple(np.shape(known))}."
-        )
-    values = np.asarray(known)
-    bad = values[(values != 0) & (values != 1)]
-    if bad.size:
-        raise ValueError(
-            f"{what}: known must hold only 0 (hole) and 1 (known pixel); got a value "
-            f"{bad.ravel()[0].item()!r}."
-        )
+        grid = (shape[0], shape[1] * self.factor, shape[2] * self.factor)
+        checks.check_mask(known, grid, "decode: known", optional=True)
 
 
 def _restore_quantizer_stats(directory: str, step: int) -> Any:

@@ -632,17 +632,7 @@ def _check_int(what: str, value, lo: int | None = None, hi: int | None = None) -
 
 def _check_mask(mask: Array) -> Array:
     """A 0/1 or boolean mask [B, *tokens] -> bool, True = known."""
-    if jnp.ndim(mask) < 2:
-        raise ValueError(
-            f"inpaint mask must be [B, *tokens] (at least 2 axes); got shape {jnp.shape(mask)}."
-        )
-    if checks.is_concrete(mask):
-        arr = np.asarray(mask)
-        bad = arr[(arr != 0) & (arr != 1)]
-        if bad.size:
-            raise ValueError(
-                f"inpaint mask must hold only 0 (generate) and 1 (known); got a value {bad[0]!r}."
-            )
+    checks.check_mask(mask, 2, "inpaint mask", form="[B, *tokens]", zero="generate", one="known")
     return jnp.asarray(mask) != 0
 
 

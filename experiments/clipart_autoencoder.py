@@ -19,6 +19,7 @@ beyond a CPU run.
 
 import ml_collections as mc
 
+from apd import checks
 from experiments import common
 
 # ae-f4-small's training step costs 14.3 GFLOP per image (XLA's count: the training rule encodes
@@ -37,10 +38,7 @@ QUANTIZERS = {
 
 def get_config(arg: str | None = None) -> mc.ConfigDict:
     arg = common.parse_arg(arg, quantizer="vq", steps=250, batch=8, gan=False, smoke=False)
-    if arg.quantizer not in QUANTIZERS:
-        raise ValueError(
-            f"unknown quantizer {arg.quantizer!r}; expected one of {sorted(QUANTIZERS)}."
-        )
+    checks.check_choice("quantizer", arg.quantizer, QUANTIZERS)
     config = common.autoencoder_config(
         dataset="clipart",
         size="ae-f4-small",
@@ -59,20 +57,5 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
     config.sample_every_steps = 50
     config.progress_every_secs = 30.0
     if arg.smoke:
-        config.total_steps = 4
-        config.data.global_batch_size = 8
-        config.model.name = "ae-f4-tiny"
-        # The tiny size's codebook, in the chosen kind; FSQ's levels as they are.
-        if arg.quantizer == "vq":
-            config.model.options.quantizer_config.num_codes = 64
-        config.masks.bank_size = 16
-        config.adversarial.start_step = 2
-        config.adversarial.channels = 8
-        config.adversarial.groups = 4
-        config.optimizer.warmup_steps = 2
-        config.checkpoint.every_steps = 2
-        config.log_every_steps = 2
-        config.sample_every_steps = 4
-        config.sample.num = 4
-        config.progress_every_secs = 1.0
+        common.shrink_autoencoder_for_smoke(config, sample_every_steps=4)
     return config

@@ -20,6 +20,7 @@ step 0).
 
 import ml_collections as mc
 
+from apd import checks
 from experiments import common
 
 QUANTIZERS = {
@@ -44,10 +45,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
 
 def paper_autoencoder(arg: mc.ConfigDict, dataset: str) -> mc.ConfigDict:
     """The paper's autoencoder config on a 256 x 256 dataset (shared with LSUN Bedroom)."""
-    if arg.quantizer not in QUANTIZERS:
-        raise ValueError(
-            f"unknown quantizer {arg.quantizer!r}; expected one of {sorted(QUANTIZERS)}."
-        )
+    checks.check_choice("quantizer", arg.quantizer, QUANTIZERS)
     config = common.autoencoder_config(
         dataset=dataset,
         size="ae-f4-paper",
@@ -66,20 +64,5 @@ def paper_autoencoder(arg: mc.ConfigDict, dataset: str) -> mc.ConfigDict:
     config.adversarial.optimizer.lr = 1e-4
     config.checkpoint.every_steps = 5_000
     if arg.smoke:
-        config.total_steps = 4
-        config.data.global_batch_size = 8
-        config.data.image_size = 64
-        config.model.name = "ae-f4-tiny"
-        if arg.quantizer == "vq":
-            config.model.options.quantizer_config.num_codes = 64
-        config.masks.bank_size = 16
-        config.adversarial.start_step = 2
-        config.adversarial.channels = 8
-        config.adversarial.groups = 4
-        config.optimizer.warmup_steps = 2
-        config.mesh.fsdp = 1
-        config.checkpoint.every_steps = 2
-        config.log_every_steps = 2
-        config.sample_every_steps = 0
-        config.progress_every_secs = 1.0
+        common.shrink_autoencoder_for_smoke(config, image_size=64)
     return config

@@ -1,7 +1,10 @@
-"""Test settings: 8 fake CPU devices and strict rank promotion, however pytest is invoked."""
+"""Test settings: 8 fake CPU devices and strict rank promotion, however pytest is invoked; the
+fixtures that several test modules share."""
 
 import os
 import tempfile
+
+import pytest
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
@@ -23,3 +26,15 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 import jax
 
 jax.config.update("jax_numpy_rank_promotion", os.environ["JAX_NUMPY_RANK_PROMOTION"])
+
+
+@pytest.fixture(scope="module")
+def clipart_tree(tmp_path_factory):
+    """The small clip-art tree of tests/test_clipart.py, one per test module, with APD_CACHE
+    pointing at a fresh cache for that module."""
+    from test_clipart import write_tree
+
+    root = write_tree(tmp_path_factory.mktemp("clipart"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("APD_CACHE", str(tmp_path_factory.mktemp("apd-cache")))
+        yield root

@@ -1,5 +1,5 @@
-"""Shared test fixtures' building blocks: a tiny fake Fashion-MNIST written as IDX files, and a
-binary's `main` run in-process the way `apd.cli` runs it."""
+"""Shared test fixtures' building blocks: a tiny fake Fashion-MNIST written as IDX files, config
+values set by dotted key, and a binary's `main` run in-process the way `apd.cli` runs it."""
 
 import contextlib
 import gzip
@@ -27,6 +27,18 @@ def write_fake_fashion_mnist(directory: str, num_train: int = 256, num_test: int
         write_idx(os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz"), images)
         write_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz"), labels)
     return directory
+
+
+def set_values(config, **values):
+    """Sets config values by dotted key (`set_values(config, **{"data.path": p})`); returns
+    `config`."""
+    for key, value in values.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config
 
 
 def call_main(call) -> None:

@@ -9,12 +9,12 @@ import shutil
 import subprocess
 import sys
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from test_clipart import write_tree
 from test_train import restore_state
 
 from apd import data as data_lib
@@ -44,25 +44,10 @@ AE_METRICS = (
 )
 
 
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    """The clip-art tree, with APD_CACHE pointing at a fresh cache for this module."""
-    root = write_tree(tmp_path_factory.mktemp("clipart"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("APD_CACHE", str(tmp_path_factory.mktemp("apd-cache")))
-        yield root
-
-
 def smoke_config(tree, arg="smoke", **overrides):
     config = clipart_autoencoder.get_config(arg)
     config.data.path = tree
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return helpers.set_values(config, **overrides)
 
 
 def _leaves_equal(a, b) -> bool:
@@ -71,12 +56,12 @@ def _leaves_equal(a, b) -> bool:
     )
 
 
-def test_trains_resumes_exactly_and_starts_the_generator_term_late(tree, tmp_path):
+def test_trains_resumes_exactly_and_starts_the_generator_term_late(clipart_tree, tmp_path):
     """4 smoke steps with the adversarial term from step 2 (`smoke,gan`): the AE metrics at every
     step, a generator term of exactly 0 for the first two steps while the discriminator trains
     from the first, the reconstruction grid; resuming from the step-2 checkpoint reproduces
     step 4 exactly (both networks, EMA, optimizer states, codebook statistics)."""
-    config = smoke_config(tree, "smoke,gan", log_every_steps=1)
+    config = smoke_config(clipart_tree, "smoke,gan", log_every_steps=1)
     assert config.adversarial.start_step == 2 and config.adversarial.weight > 0
     straight = str(tmp_path / "straight")
     result = loop.train_and_evaluate(config, straight)
@@ -113,7 +98,7 @@ def test_trains_resumes_exactly_and_starts_the_generator_term_late(tree, tmp_pat
     assert not _leaves_equal(s2["quantizer_stats"], s4["quantizer_stats"])
 
     # The reconstruction grid: one row per test image (at most sample.num), three panels each.
-    test_images = len(data_lib.get_source("clipart", "test", path=tree))
+    test_images = len(data_lib.get_source("clipart", "test", path=clipart_tree))
     rows = min(config.sample.num, test_images)
     grid = Image.open(os.path.join(straight, "samples", "step_00000004.png"))
     assert grid.size == (3 * 64 + 2 + 2 * 2, rows * (64 + 2) + 2)
@@ -130,7 +115,7 @@ def test_trains_resumes_exactly_and_starts_the_generator_term_late(tree, tmp_pat
 
     # A config without the discriminator does not fit this checkpoint and is refused.
     with pytest.raises(checkpoint_lib.IncompatibleCheckpointError, match="different model"):
-        loop.prepare(smoke_config(tree), straight)
+        loop.prepare(smoke_config(clipart_tree), straight)
 
 
 def test_masks_are_bank_masks_under_flips_and_transposes():
@@ -190,10 +175,12 @@ def test_configs_build(arg):
         ("model.name", "ae-f4-huge", r"autoencoder size.*'ae-f4-huge'"),
     ],
 )
-def test_bad_values_are_refused_before_anything_is_written(tree, tmp_path, key, value, message):
+def test_bad_values_are_refused_before_anything_is_written(
+    clipart_tree, tmp_path, key, value, message
+):
     workdir = str(tmp_path / "run")
     with pytest.raises(ValueError, match=message):
-        loop.prepare(smoke_config(tree, **{key: value}), workdir)
+        loop.prepare(smoke_config(clipart_tree, **{key: value}), workdir)
     assert not os.path.exists(workdir)
 
 

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import pytest
-from test_latents import BATCH, SHARD_SIZE, ae_workdir, codec, data_block, encoded, tree  # noqa: F401
+from test_latents import BATCH, SHARD_SIZE, ae_workdir, codec, data_block, encoded  # noqa: F401
 
 from apd import latents, run_sampler, runs
 from apd.evaluation import masks, protocol
@@ -29,12 +29,12 @@ def latent_run(encoded, ae_workdir, tmp_path_factory):  # noqa: F811
     return workdir
 
 
-def test_a_latent_run_loads_with_its_codec_and_image_data(latent_run, encoded, tree):  # noqa: F811
+def test_a_latent_run_loads_with_its_codec_and_image_data(latent_run, encoded, clipart_tree):  # noqa: F811
     run = runs.load(latent_run)
     assert run.latent and isinstance(run.codec, latents.Codec)
     assert run.token_shape == (16, 16, 3) and run.image_shape == (64, 64, 3)
     data = runs.image_data(run.config)
-    assert (data.name, data.path) == ("clipart", os.path.abspath(tree))
+    assert (data.name, data.path) == ("clipart", os.path.abspath(clipart_tree))
     x, labels = runs.first_images(run, "test", 3)
     assert x.shape == (3, 64, 64, 3) and labels.shape == (3,)
 

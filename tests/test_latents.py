@@ -15,7 +15,6 @@ import helpers
 import jax
 import numpy as np
 import pytest
-from test_clipart import write_tree
 
 from apd import cli, encode, latents
 from apd import data as data_lib
@@ -61,18 +60,9 @@ def save_checkpoint(config, workdir: str, seed: int = 0) -> None:
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    """The clip-art tree, with APD_CACHE pointing at a fresh cache for this module."""
-    root = write_tree(tmp_path_factory.mktemp("clipart"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("APD_CACHE", str(tmp_path_factory.mktemp("apd-cache")))
-        yield root
-
-
-@pytest.fixture(scope="module")
-def ae_workdir(tree, tmp_path_factory):
+def ae_workdir(clipart_tree, tmp_path_factory):
     config = clipart_autoencoder.get_config("smoke")
-    config.data.path = tree
+    config.data.path = clipart_tree
     workdir = str(tmp_path_factory.mktemp("ae"))
     save_checkpoint(config, workdir)
     return workdir
@@ -88,11 +78,11 @@ def data_block(tree, random_flip=True) -> dict:
 
 
 @pytest.fixture(scope="module")
-def encoded(codec, tree, tmp_path_factory):
+def encoded(codec, clipart_tree, tmp_path_factory):
     """The reference encode: train (with flips) and test, in one library call."""
     out = str(tmp_path_factory.mktemp("latents"))
     result = latents.encode_dataset(
-        codec, data_block(tree), out, batch=BATCH, shard_size=SHARD_SIZE
+        codec, data_block(clipart_tree), out, batch=BATCH, shard_size=SHARD_SIZE
     )
     assert result.manifest is not None
     return out, result
@@ -181,7 +171,7 @@ def test_codec_reads_the_workdir_without_writing(ae_workdir):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_encode_then_read_back_through_grain(codec, tree, encoded):
+def test_encode_then_read_back_through_grain(codec, clipart_tree, encoded):
     """The records read through grain hold the codec's latents (up to float16), normalised by
     the statistics of the train split's latents, with labels, flips for train only."""
     out, result = encoded
@@ -194,7 +184,7 @@ def test_encode_then_read_back_through_grain(codec, tree, encoded):
     assert data_lib.dataset_info("latents", path=out) == ((16, 16, 3), 22)
     assert set(data_lib.dataset_splits("latents", path=out)) == {"train", "test"}
 
-    x_train, _ = images_of(tree, "train")
+    x_train, _ = images_of(clipart_tree, "train")
     raw_train = np.asarray(codec.encode_raw(x_train))
     norm = manifest["normalization"]
     shift, scale = np.asarray(norm["shift"]), np.asarray(norm["scale"])
@@ -203,7 +193,7 @@ def test_encode_then_read_back_through_grain(codec, tree, encoded):
     assert "'train'" in norm["measured"]
 
     for split in ("train", "test"):
-        x, labels = images_of(tree, split)
+        x, labels = images_of(clipart_tree, split)
         entry = manifest["splits"][split]
         assert entry["records"] == len(x) and entry["flips"] == (split == "train")
         assert len(entry["shards"]) == -(-len(x) // SHARD_SIZE)
@@ -264,14 +254,14 @@ def test_encode_then_read_back_through_grain(codec, tree, encoded):
         )
 
 
-def test_interrupted_encode_resumes(codec, tree, encoded, tmp_path):
+def test_interrupted_encode_resumes(codec, clipart_tree, encoded, tmp_path):
     """An encode stopped after 2 shards, with a shard half-written (no done-file) and a
     temporary file left by a kill: the rerun keeps the 2 shards (same mtimes), rewrites the
     others and gives the reference's bytes and manifest."""
     reference, result = encoded
     out = str(tmp_path / "latents")
     first = latents.encode_dataset(
-        codec, data_block(tree), out, batch=BATCH, shard_size=SHARD_SIZE, max_shards=2
+        codec, data_block(clipart_tree), out, batch=BATCH, shard_size=SHARD_SIZE, max_shards=2
     )
     assert first.shards_written == 2 and first.manifest is None
     assert not os.path.exists(os.path.join(out, "latents.json"))
@@ -287,7 +277,7 @@ def test_interrupted_encode_resumes(codec, tree, encoded, tmp_path):
         f.write(b"a kill while writing")
 
     second = latents.encode_dataset(
-        codec, data_block(tree), out, batch=BATCH, shard_size=SHARD_SIZE
+        codec, data_block(clipart_tree), out, batch=BATCH, shard_size=SHARD_SIZE
     )
     assert second.shards_kept == 2 and second.manifest is not None
     assert second.shards_written == len(train_shards) - 2 + 1  # + the test split's shard
@@ -298,19 +288,19 @@ def test_interrupted_encode_resumes(codec, tree, encoded, tmp_path):
 
     # Other settings in the same directory are refused, naming the difference.
     with pytest.raises(ValueError, match=r"other settings: shard_size is 8 there, 4 now"):
-        latents.encode_dataset(codec, data_block(tree), out, batch=BATCH, shard_size=4)
+        latents.encode_dataset(codec, data_block(clipart_tree), out, batch=BATCH, shard_size=4)
 
 
 def test_two_processes_write_disjoint_shards_covering_each_split_once(
-    codec, tree, encoded, tmp_path
+    codec, clipart_tree, encoded, tmp_path
 ):
     reference, result = encoded
     out = str(tmp_path / "latents")
     kwargs = {"batch": BATCH, "shard_size": SHARD_SIZE, "process_count": 2}
-    r0 = latents.encode_dataset(codec, data_block(tree), out, process_index=0, **kwargs)
+    r0 = latents.encode_dataset(codec, data_block(clipart_tree), out, process_index=0, **kwargs)
     written0 = set(shard_files(out))
     assert r0.manifest is None
-    r1 = latents.encode_dataset(codec, data_block(tree), out, process_index=1, **kwargs)
+    r1 = latents.encode_dataset(codec, data_block(clipart_tree), out, process_index=1, **kwargs)
     written1 = set(shard_files(out)) - written0
     assert r1.manifest is not None and r1.shards_kept == 0
     assert written0 and written1 and not written0 & written1
@@ -319,7 +309,7 @@ def test_two_processes_write_disjoint_shards_covering_each_split_once(
         assert written0 & set(shards) == set(shards[0::2])
         assert written1 & set(shards) == set(shards[1::2])
     assert shard_files(out) == shard_files(reference)
-    _, labels = images_of(tree, "train")
+    _, labels = images_of(clipart_tree, "train")
     source = data_lib.get_source("latents", "train", path=out)
     np.testing.assert_array_equal([source[i]["label"] for i in range(len(source))], labels)
 
@@ -353,6 +343,20 @@ def run_binary(*args):
     helpers.call_main(lambda: cli.call(encode.main, encode.parse_flags(argv), "apd.encode", False))
 
 
+def test_binary_sets_config_overrides_aside_in_order():
+    """`--config.KEY=VALUE` overrides are taken off the command line for `load_config`, in
+    order; one without a value ends the binary with one line."""
+    argv = ["apd.encode", "--config.data.image_size=32", "--autoencoder=/a", "--out=/o"]
+    assert encode.parse_flags([*argv, "--config.data.path=/p"]) == ["apd.encode"]
+    assert encode._OVERRIDES == [("data.image_size", "32"), ("data.path", "/p")]
+    assert (encode._FLAGS["autoencoder"].value, encode._FLAGS["out"].value) == ("/a", "/o")
+    with pytest.raises(
+        SystemExit,
+        match=r"^apd.encode: error: --config.data.path needs a value \(--config.KEY=VALUE\)\.$",
+    ):
+        encode.parse_flags([*argv, "--config.data.path"])
+
+
 def test_binary_encodes_with_the_autoencoders_data_and_prints_throughput(
     ae_workdir, encoded, tmp_path, capsys
 ):
@@ -373,7 +377,7 @@ def test_binary_encodes_with_the_autoencoders_data_and_prints_throughput(
         run_binary(f"--autoencoder={ae_workdir}", f"--out={tmp_path / 'x'}", "--splits=test")
 
 
-def test_clear_errors(ae_workdir, codec, tree, encoded, tmp_path):
+def test_clear_errors(ae_workdir, codec, clipart_tree, encoded, tmp_path):
     out, result = encoded
     missing = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"no autoencoder workdir .*nowhere"):
@@ -415,7 +419,7 @@ def test_clear_errors(ae_workdir, codec, tree, encoded, tmp_path):
     with pytest.raises(ValueError, match=r"names the dataset 'latents'"):
         latents.encode_dataset(codec, {"name": "latents", "path": out}, str(tmp_path / "y"))
     with pytest.raises(ValueError, match=r"not empty and holds no plan.json"):
-        latents.encode_dataset(codec, data_block(tree), str(other))
+        latents.encode_dataset(codec, data_block(clipart_tree), str(other))
 
     # A dataset made with another autoencoder checkpoint is refused by the codec.
     changed = dict(result.manifest["autoencoder"], step=7)

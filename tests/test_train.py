@@ -28,13 +28,7 @@ def data_path(tmp_path_factory):
 def smoke_config(data_path, **overrides):
     config = fashion_mnist.get_config("smoke")
     config.data.path = data_path
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return helpers.set_values(config, **overrides)
 
 
 def restore_state(workdir, step=None):

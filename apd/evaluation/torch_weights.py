@@ -465,6 +465,21 @@ def installed_file(distribution: str, relative_path: str, version: str) -> str:
     return path
 
 
+def resolve_installed(value: str, distribution: str, relative_path: str, version: str) -> str:
+    """`distribution` (or its name with `_` for `-`) -> that installed distribution's file
+    `relative_path` (`installed_file`); any other value, and an existing file of that name, is
+    returned unchanged (a path).
+
+    Raises:
+      FileNotFoundError: naming the pip command that installs it, when the value names the
+        distribution and it is not installed or lacks the file.
+    """
+    names = (distribution, distribution.replace("-", "_"))
+    if value in names and not os.path.exists(value):
+        return installed_file(distribution, relative_path, version)
+    return value
+
+
 # ---------------------------------------------------------------------------------------------
 # Converted .npz files.
 # ---------------------------------------------------------------------------------------------

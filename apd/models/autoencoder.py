@@ -99,24 +99,6 @@ DISCRIMINATOR_NORMS = ("none", "group")
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_known(known, shape: tuple[int, ...], what: str) -> None:
-    """known must be [B, H, W] for data of shape `shape` [B, H, W, ...] with values 0 or 1
-    (values checked when concrete)."""
-    if jnp.ndim(known) != 3 or tuple(jnp.shape(known)) != tuple(shape[:3]):
-        raise ValueError(
-            f"{what}: known must be a pixel mask [B, H, W] = {tuple(shape[:3])} (1 = known, "
-            f"0 = hole) or None; got shape {tuple(jnp.shape(known))}."
-        )
-    if checks.is_concrete(known):
-        arr = np.asarray(known)
-        bad = arr[(arr != 0) & (arr != 1)]
-        if bad.size:
-            raise ValueError(
-                f"{what}: known must hold only 0 (hole) and 1 (known pixel); got a value "
-                f"{bad.ravel()[0].item()!r}."
-            )
-
-
 def latent_mask(known: Array, factor: int) -> Array:
     """Pixel mask -> latent-token mask: a token is known only when all the pixels it covers are
     known (a min-pool over factor x factor blocks).
@@ -512,8 +494,8 @@ class Autoencoder(nn.Module):
         """
         self._check_image(x, "encode")
         x = jnp.asarray(x, jnp.float32)
+        checks.check_mask(known, jnp.shape(x)[:3], "encode: known", optional=True)
         if known is not None:
-            _check_known(known, jnp.shape(x), "encode")
             x = x * jnp.asarray(known, jnp.float32)[..., None]
         B, H, W, _ = x.shape
         return self.encoder(x, self.mask_features(known, B, (H, W))).astype(jnp.float32)
@@ -540,8 +522,7 @@ class Autoencoder(nn.Module):
             )
         B, h, w, _ = jnp.shape(z_q)
         H, W = h * self.factor, w * self.factor
-        if known is not None:
-            _check_known(known, (B, H, W), "decode")
+        checks.check_mask(known, (B, H, W), "decode: known", optional=True)
         conds = self.mask_features(known, B, (H, W))
         return self.decoder(jnp.asarray(z_q, jnp.float32), conds).astype(jnp.float32)
 
@@ -724,10 +705,10 @@ def mask_aware_targets(
         raise ValueError(
             f"consistency_weight must be a real number >= 0; got {consistency_weight!r}."
         )
+    checks.check_mask(known, jnp.shape(x)[:3], "mask_aware_targets: known", optional=True)
     if known is None:
         known = jnp.ones(jnp.shape(x)[:3], jnp.float32)
     else:
-        _check_known(known, jnp.shape(x), "mask_aware_targets")
         known = jnp.asarray(known, jnp.float32)
     kwargs = {"mutable": [quantizers.STATS]} if train else {}
     result = model.apply(
