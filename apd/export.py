@@ -5,7 +5,9 @@
 Without --step, the newest checkpoint whose parameters can be read is exported. EXPORT_DIR then
 holds `params/` (an Orbax standard checkpoint of the parameter tree, restorable on any device
 layout), `model.json` (model name, options, parameter count and shape hash, step) and
-`config.json` (the training config). `load(EXPORT_DIR)` reads it back. A user error (a non-empty
+`config.json` (the training config); a latent run's export adds `autoencoder/` (its codec:
+`apd.latents.export_codec`), so it samples without the autoencoder's workdir or the latent
+dataset. `load(EXPORT_DIR)` reads it back. A user error (a non-empty
 or unwritable --out, no readable checkpoint) ends with one line `apd.export: error: ...` and exit
 code 1.
 """
@@ -37,14 +39,26 @@ def export(workdir: str, out: str, step: int | None = None, which: str = "ema_pa
         raise FileExistsError(f"export directory {out} is not empty; choose a new --out.")
     cli.check_writable_dir(out, "export directory")
     step, params, description = checkpoint_lib.restore_params(workdir, step, which)
+    config = os.path.join(workdir, "config.json")
+    codec = data = None
+    if os.path.exists(config):
+        from apd import runs  # apd.runs reads exports with this module
+
+        run_config = runs.read_config(workdir)
+        # A latent run's autoencoder travels with it: sampling elsewhere needs neither the
+        # autoencoder's workdir nor the latent dataset.
+        codec = runs.load_codec(run_config)
+        data = runs.image_data(run_config) if codec is not None else None
     os.makedirs(out, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(out, "params"), params)
+    save_tree(os.path.join(out, "params"), params)
     with open(os.path.join(out, "model.json"), "w", encoding="utf-8") as f:
         json.dump(description | {"step": step, "which": which}, f, indent=2, sort_keys=True)
-    config = os.path.join(workdir, "config.json")
     if os.path.exists(config):
         shutil.copy(config, os.path.join(out, "config.json"))
+    if codec is not None:
+        from apd import latents
+
+        latents.export_codec(codec, os.path.join(out, latents.EXPORT_DIR), data.to_dict())
     logging.info("Exported %s of step %d from %s to %s", which, step, workdir, out)
     return step
 
@@ -56,14 +70,24 @@ def load(export_dir: str) -> tuple[Any, dict]:
         raise FileNotFoundError(f"{export_dir} is not an apd export (no params/); see apd.export.")
     with open(os.path.join(export_dir, "model.json"), encoding="utf-8") as f:
         description = json.load(f)
+    return restore_tree(path), description
+
+
+def save_tree(path: str, tree: Any) -> None:
+    """A tree of arrays as an Orbax standard checkpoint at `path` (restorable on any layout)."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, tree)
+
+
+def restore_tree(path: str) -> Any:
+    """A `save_tree` checkpoint, on the first local device."""
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with ocp.StandardCheckpointer() as checkpointer:
         metadata = checkpointer.metadata(path).item_metadata
         target = jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata
         )
-        params = checkpointer.restore(path, target)
-    return params, description
+        return checkpointer.restore(path, target)
 
 
 def main(argv):

@@ -53,6 +53,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from apd import checks, cli, runs
 from apd import data as data_lib
+from apd import export as export_lib
 from apd.data import latents as latents_data
 from apd.evaluation import integrity
 from apd.models import autoencoder as ae
@@ -359,6 +360,32 @@ class Codec:
         )
 
     @classmethod
+    def from_export(cls, directory: str) -> "Codec":
+        """The codec `export_codec` wrote into `directory` (an export's `autoencoder/`): the
+        model rebuilt from its config, its variables checked against the recorded hash."""
+        directory = os.path.abspath(directory)
+        record = integrity.read_json(os.path.join(directory, CODEC_JSON))
+        config = runs.read_config(directory)
+        image_shape = tuple(int(n) for n in record["image_shape"])
+        model = autoencoder_task.build_model(config, image_shape[-1])
+        variables = export_lib.restore_tree(os.path.join(directory, "variables"))
+        identity = record["identity"]
+        found = tree_sha256(variables)
+        if found != identity["params_sha256"]:
+            raise ValueError(
+                f"the autoencoder variables in {directory} have hash {found}, not the "
+                f"{identity['params_sha256']} recorded in its {CODEC_JSON}: the export is corrupt."
+            )
+        return cls(
+            model,
+            variables,
+            image_shape=image_shape,
+            identity=identity,
+            config=config,
+            normalization=Normalization.from_json(record["normalization"]),
+        )
+
+    @classmethod
     def from_latents(cls, latent_dir: str, ae_workdir: str | None = None) -> "Codec":
         """The codec of a latent dataset (`apd.encode`'s DIR): the autoencoder it names (or the
         one in `ae_workdir`, e.g. after the workdir moved) at the step it names, checked to be
@@ -499,6 +526,29 @@ class Codec:
             )
         grid = (shape[0], shape[1] * self.factor, shape[2] * self.factor)
         checks.check_mask(known, grid, "decode: known", optional=True)
+
+
+EXPORT_DIR = "autoencoder"
+"""Where `apd.export` puts a latent run's codec in its export directory."""
+CODEC_JSON = "codec.json"
+
+
+def export_codec(codec: Codec, out: str, dataset: Mapping[str, Any]) -> None:
+    """Writes a codec into the new directory `out` for `Codec.from_export`: `variables/` (the
+    autoencoder's parameters and quantiser statistics, an Orbax standard checkpoint),
+    `config.json` (the autoencoder's config) and `codec.json` (identity, image shape,
+    normalisation, and `dataset`: the images the latents encode, `apd.runs.image_data`)."""
+    os.makedirs(out)
+    export_lib.save_tree(os.path.join(out, "variables"), jax.device_get(codec.variables))
+    with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+        f.write(codec.config.to_json(indent=2, sort_keys=True))
+    record = {
+        "identity": codec.identity,
+        "image_shape": list(codec.image_shape),
+        "normalization": codec.normalization.to_json(),
+        "dataset": {k: list(v) if isinstance(v, tuple) else v for k, v in dataset.items()},
+    }
+    integrity.write_json(os.path.join(out, CODEC_JSON), record)
 
 
 def _restore_quantizer_stats(directory: str, step: int) -> Any:

@@ -117,12 +117,16 @@ def load(
     model = models.build(
         model_cfg["name"], num_classes=num_classes, **_tuples(model_cfg["options"])
     )
-    token_shape, _ = data_lib.dataset_info(
-        config.data.name, config.data.image_size, path=config.data.path
-    )
+    codec = load_codec(config, directory)
+    if codec is None:
+        token_shape, _ = data_lib.dataset_info(
+            config.data.name, config.data.image_size, path=config.data.path
+        )
+        image_shape = token_shape
+    else:
+        image_shape = tuple(image_data(config, directory).image_shape)
+        token_shape = codec.latent_shape(image_shape)
     _check_model(model, token_shape, description)
-    codec = load_codec(config)
-    image_shape = token_shape if codec is None else image_data(config).image_shape
     return Run(
         config=config,
         model=model,
@@ -143,22 +147,38 @@ LATENT_DATA = "latents"
 """`config.data.name` of a latent diffusion run (`apd.data.latents`)."""
 
 
-def load_codec(config: mc.ConfigDict):
-    """A latent run's codec (`apd.latents.Codec.from_latents`): the autoencoder its latent
-    dataset names, or the one in `config.autoencoder.workdir` when the config names one (checked
-    to be the same autoencoder), with the dataset's normalisation. None for a pixel run."""
+def _exported_codec(directory: str | None) -> str | None:
+    """The codec directory of an export (`apd.latents.EXPORT_DIR`), or None."""
+    from apd import latents  # apd.latents reads run configs with this module
+
+    if directory is None:
+        return None
+    path = os.path.join(directory, latents.EXPORT_DIR)
+    return path if os.path.isdir(path) else None
+
+
+def load_codec(config: mc.ConfigDict, directory: str | None = None):
+    """A latent run's codec: the one its export directory holds (`directory`, written by
+    apd.export), else `apd.latents.Codec.from_latents`: the autoencoder its latent dataset
+    names, or the one in `config.autoencoder.workdir` when the config names one (checked to be
+    the same autoencoder), with the dataset's normalisation. None for a pixel run."""
     if config.data.name != LATENT_DATA:
         return None
-    from apd import latents  # apd.latents reads run configs with this module
+    from apd import latents
+
+    exported = _exported_codec(directory)
+    if exported is not None:
+        return latents.Codec.from_export(exported)
 
     workdir = config.get("autoencoder", {}).get("workdir") if config.get("autoencoder") else None
     return latents.Codec.from_latents(config.data.path, ae_workdir=workdir)
 
 
-def image_data(config: mc.ConfigDict) -> mc.ConfigDict:
+def image_data(config: mc.ConfigDict, directory: str | None = None) -> mc.ConfigDict:
     """The images a run generates: `name`, `path`, `data_dir`, `image_size` and `image_shape`
     of its dataset, for a latent run the dataset its latents were encoded from (the latent
-    dataset's manifest). Evaluation reads its real images and reference statistics from here."""
+    dataset's manifest, or the codec record of an export `directory`). Evaluation reads its real
+    images and reference statistics from here."""
     data = config.data
     if data.name != LATENT_DATA:
         shape, _ = data_lib.dataset_info(data.name, data.image_size, path=data.path)
@@ -171,9 +191,15 @@ def image_data(config: mc.ConfigDict) -> mc.ConfigDict:
                 "image_shape": tuple(shape),
             }
         )
+    from apd import latents
     from apd.data import latents as latents_data
 
-    dataset = latents_data.read_manifest(data.path)["dataset"]
+    exported = _exported_codec(directory)
+    if exported is not None:
+        with open(os.path.join(exported, latents.CODEC_JSON), encoding="utf-8") as f:
+            dataset = json.load(f)["dataset"]
+    else:
+        dataset = latents_data.read_manifest(data.path)["dataset"]
     return mc.ConfigDict(
         {
             "name": dataset["name"],
@@ -220,7 +246,7 @@ def first_images(run: Run, split: str, num: int) -> tuple[np.ndarray, np.ndarray
     """The first `num` images of the run's dataset split: (float32 [num, H, W, C] in [-1, 1],
     labels int32 [num]), as the evaluation pipeline reads them (a latent run's: the images
     its latents were encoded from, `image_data`)."""
-    cfg = image_data(run.config)
+    cfg = image_data(run.config, run.directory)
     source = data_lib.get_source(cfg.name, split, data_dir=cfg.data_dir, path=cfg.path)
     if len(source) < num:
         raise ValueError(f"{num} images asked of split {split!r}, which holds {len(source)}.")

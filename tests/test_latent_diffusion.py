@@ -120,3 +120,44 @@ def test_evaluators_that_do_not_fit_the_run_are_refused_before_sampling(latent_r
     with pytest.raises(ValueError, match=r"\['likelihood'\] do not apply to a latent run"):
         evaluate.Evaluation(latent_run, config, str(tmp_path / "eval"), options)
     assert not (tmp_path / "eval").exists()
+
+
+def test_an_export_of_a_latent_run_samples_without_its_autoencoder_or_latents(latent_run, tmp_path):
+    """apd.export bundles the codec: with the latent dataset and the autoencoder workdir out of
+    reach (their paths in the export's config.json pointing nowhere), the export loads and samples
+    what the workdir does."""
+    import json
+
+    from apd import export
+
+    out = str(tmp_path / "export")
+    export.export(latent_run, out)
+    assert os.path.isfile(os.path.join(out, latents.EXPORT_DIR, latents.CODEC_JSON))
+    config_path = os.path.join(out, "config.json")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    config["data"]["path"] = str(tmp_path / "no-latents")
+    config["autoencoder"]["workdir"] = str(tmp_path / "no-autoencoder")
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(config, f)
+
+    exported = runs.load(export_dir=out)
+    original = runs.load(latent_run)
+    assert exported.latent and exported.codec.identity == original.codec.identity
+    assert (exported.image_shape, exported.token_shape) == (original.image_shape, (16, 16, 3))
+    np.testing.assert_array_equal(
+        exported.codec.normalization.scale, original.codec.normalization.scale
+    )
+    a = run_sampler.Sampler(exported, batch=8).generate(2, steps=2, seed=3).images
+    b = run_sampler.Sampler(original, batch=8).generate(2, steps=2, seed=3).images
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+    # A corrupted export is refused by its recorded hash.
+    record_path = os.path.join(out, latents.EXPORT_DIR, latents.CODEC_JSON)
+    with open(record_path, encoding="utf-8") as f:
+        record = json.load(f)
+    record["identity"]["params_sha256"] = "0" * 64
+    with open(record_path, "w", encoding="utf-8") as f:
+        json.dump(record, f)
+    with pytest.raises(ValueError, match="the export is corrupt"):
+        runs.load(export_dir=out)
