@@ -31,8 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import report  # noqa: E402
 
-from apd import data as data_lib  # noqa: E402
-from apd import latents  # noqa: E402
+from apd import latents, runs  # noqa: E402
 from apd.evaluation import lpips, masks, protocol  # noqa: E402
 
 FAMILIES = masks.FAMILIES
@@ -61,18 +60,8 @@ def main():
     rows = []
     for name, workdir, step in named:
         codec = latents.Codec.from_workdir(workdir, step=step)
-        data = codec.config.data
-        source = data_lib.get_source(data.name, ARGS.split, data_dir=data.data_dir, path=data.path)
-        num = min(ARGS.num, len(source))
-        batch = data_lib.make_eval_dataset(
-            source,
-            global_batch_size=num,
-            num_examples=num,
-            image_size=data.image_size,
-            process_index=0,
-            process_count=1,
-        )[0]
-        x = np.asarray(batch["image"])
+        x, _ = runs.read_images(codec.config.data, ARGS.split, ARGS.num, at_most=True)
+        num = x.shape[0]
         known = {f: masks.make_masks(f, 0, num, x.shape[1:3]) for f in FAMILIES}
         y, metrics = protocol.autoencoder_metrics(codec, x, known, map_rows)
         if lpips_params is not None:

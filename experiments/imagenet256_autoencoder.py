@@ -29,17 +29,20 @@ QUANTIZERS = {
 }
 
 
+ARG_DEFAULTS = {
+    "quantizer": "vq",
+    "steps": 500_000,
+    "batch": 64,
+    "gan": True,
+    "gan_start": 50_000,
+    "fsdp": 1,
+    "smoke": False,
+}
+"""The `:ARGS` and their defaults (shared with the LSUN Bedroom config)."""
+
+
 def get_config(arg: str | None = None) -> mc.ConfigDict:
-    arg = common.parse_arg(
-        arg,
-        quantizer="vq",
-        steps=500_000,
-        batch=64,
-        gan=True,
-        gan_start=50_000,
-        fsdp=1,
-        smoke=False,
-    )
+    arg = common.parse_arg(arg, **ARG_DEFAULTS)
     return paper_autoencoder(arg, dataset="imagenet2012")
 
 

@@ -22,18 +22,20 @@ import ml_collections as mc
 
 from experiments import common
 
+ARG_DEFAULTS = {
+    "latents": "",
+    "autoencoder": "",
+    "sampler": "asyncpatch",
+    "steps": 1_000_000,
+    "batch": 512,
+    "fsdp": 8,
+    "smoke": False,
+}
+"""The `:ARGS` and their defaults (shared with the LSUN Bedroom config)."""
+
 
 def get_config(arg: str | None = None) -> mc.ConfigDict:
-    arg = common.parse_arg(
-        arg,
-        latents="",
-        autoencoder="",
-        sampler="asyncpatch",
-        steps=1_000_000,
-        batch=512,
-        fsdp=8,
-        smoke=False,
-    )
+    arg = common.parse_arg(arg, **ARG_DEFAULTS)
     return paper_latent(arg, class_conditional=True)
 
 

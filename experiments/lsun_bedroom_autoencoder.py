@@ -14,14 +14,5 @@ from experiments import common, imagenet256_autoencoder
 
 
 def get_config(arg: str | None = None) -> mc.ConfigDict:
-    arg = common.parse_arg(
-        arg,
-        quantizer="vq",
-        steps=500_000,
-        batch=64,
-        gan=True,
-        gan_start=50_000,
-        fsdp=1,
-        smoke=False,
-    )
+    arg = common.parse_arg(arg, **imagenet256_autoencoder.ARG_DEFAULTS)
     return imagenet256_autoencoder.paper_autoencoder(arg, dataset="lsun/bedroom")

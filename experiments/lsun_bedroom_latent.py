@@ -13,14 +13,5 @@ from experiments import common, imagenet256_latent
 
 
 def get_config(arg: str | None = None) -> mc.ConfigDict:
-    arg = common.parse_arg(
-        arg,
-        latents="",
-        autoencoder="",
-        sampler="asyncpatch",
-        steps=1_000_000,
-        batch=512,
-        fsdp=8,
-        smoke=False,
-    )
+    arg = common.parse_arg(arg, **imagenet256_latent.ARG_DEFAULTS)
     return imagenet256_latent.paper_latent(arg, class_conditional=False)
