@@ -15,6 +15,7 @@ from experiments import (
     imagenet64,
     imagenet256_autoencoder,
     imagenet256_latent,
+    latent_vs_pixel,
     lsun_bedroom_autoencoder,
     lsun_bedroom_latent,
 )
@@ -104,3 +105,18 @@ def test_a_missing_latent_dataset_stops_before_anything_is_written(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"apd\.encode"):
         loop.train_and_evaluate(config, str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()
+
+
+def test_latent_vs_pixel_compares_at_equal_wall_clock_with_one_evaluation():
+    pixel = latent_vs_pixel.get_config("space=pixel,steps=100")
+    latent = latent_vs_pixel.get_config("space=latent,steps=100,latents=/data/l")
+    assert (pixel.data.name, latent.data.name) == ("clipart", "latents")
+    assert latent.total_steps == round(100 * latent_vs_pixel.SPEEDUP) != pixel.total_steps
+    assert pixel.evaluate.to_dict() == latent.evaluate.to_dict()
+    assert pixel.optimizer.to_dict() == latent.optimizer.to_dict()
+    # The same level sampler; its patch grids are those of each token grid (64 or 16 wide).
+    assert pixel.levels.name == latent.levels.name == "asyncpatch"
+    assert pixel.levels.params.delta_max == latent.levels.params.delta_max
+    assert pixel.data.global_batch_size == latent.data.global_batch_size
+    with pytest.raises(ValueError, match="'voxel'"):
+        latent_vs_pixel.get_config("space=voxel")
