@@ -92,6 +92,16 @@ def check_mask(
             )
 
 
+def check_int(what: str, value, lo: int | None = None, hi: int | None = None) -> int:
+    """`value` as an int; ValueError naming `what` unless it is an integer (not a bool) in
+    [lo, hi] (either bound None: open)."""
+    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not is_int or (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f" in [{lo}, {hi}]" if hi is not None else f" >= {lo}" if lo is not None else ""
+        raise ValueError(f"{what} must be an integer{bounds}; got {value!r}.")
+    return int(value)
+
+
 def check_choice(kind: str, value: str, choices: Sequence[str]) -> None:
     """Raises ValueError naming the bad value and the valid choices."""
     if value not in choices:

@@ -165,8 +165,8 @@ def synchronous(steps: int, batch: int, grid: int | Sequence[int]) -> Plan:
       A compact plan: levels [S + 1, 1, 1, ...] (broadcast over batch and tokens), update all
       True [B, *grid].
     """
-    steps = _check_int("steps", steps, lo=1)
-    batch = _check_int("batch", batch, lo=1)
+    steps = checks.check_int("steps", steps, lo=1)
+    batch = checks.check_int("batch", batch, lo=1)
     grid = checks.as_grid(grid)
     ones = (1,) * (1 + len(grid))
     return _compact(
@@ -189,7 +189,7 @@ def inpaint(mask: Array, steps: int) -> Plan:
       A compact plan: levels [S + 1, B, *tokens] = (1 - mask) * (1 - k / S); update =
       (mask == 0).
     """
-    steps = _check_int("steps", steps, lo=1)
+    steps = checks.check_int("steps", steps, lo=1)
     known = _check_mask(mask)
     unknown = (~known).astype(jnp.float32)
     start = jnp.zeros((1,) * unknown.ndim, jnp.int32)
@@ -209,7 +209,7 @@ def edit(strength: Array, steps: int) -> Plan:
       A compact plan: levels [S + 1, B, *tokens] = strength * (1 - k / S); update =
       (strength > 0).
     """
-    steps = _check_int("steps", steps, lo=1)
+    steps = checks.check_int("steps", steps, lo=1)
     checks.check_levels(strength, "edit strength")
     strength = jnp.asarray(strength, jnp.float32)
     if strength.ndim < 2:
@@ -257,10 +257,10 @@ def autoregressive(
       update all True.
     """
     grid = checks.as_grid(grid)
-    batch = _check_int("batch", batch, lo=1)
-    patches = _check_int("patches (K, patches per axis)", patches, lo=1, hi=min(grid))
-    steps_per_group = _check_int("steps_per_group", steps_per_group, lo=1)
-    overlap = _check_int("overlap", overlap, lo=0, hi=steps_per_group - 1)
+    batch = checks.check_int("batch", batch, lo=1)
+    patches = checks.check_int("patches (K, patches per axis)", patches, lo=1, hi=min(grid))
+    steps_per_group = checks.check_int("steps_per_group", steps_per_group, lo=1)
+    overlap = checks.check_int("overlap", overlap, lo=0, hi=steps_per_group - 1)
     groups = patches ** len(grid)
 
     if isinstance(order, str):
@@ -397,8 +397,8 @@ def check_budget(budget) -> tuple[int, int]:
     """An adaptive budget (n_min, n_max) with 1 <= n_min <= n_max, as two ints."""
     if not (isinstance(budget, Sequence) and len(budget) == 2):
         raise ValueError(f"adaptive budget must be a pair (n_min, n_max); got {budget!r}.")
-    n_min = _check_int("adaptive budget n_min", budget[0], lo=1)
-    return n_min, _check_int("adaptive budget n_max", budget[1], lo=n_min)
+    n_min = checks.check_int("adaptive budget n_min", budget[0], lo=1)
+    return n_min, checks.check_int("adaptive budget n_max", budget[1], lo=n_min)
 
 
 def difficulty_from_log_error(
@@ -620,14 +620,6 @@ def _group_index(grid: Grid, patches: int) -> Array:
         patch = (jnp.arange(n, dtype=jnp.int32) * patches) // n
         index = index * patches + patch.reshape(shape)
     return index
-
-
-def _check_int(what: str, value, lo: int | None = None, hi: int | None = None) -> int:
-    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if not is_int or (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f" in [{lo}, {hi}]" if hi is not None else f" >= {lo}" if lo is not None else ""
-        raise ValueError(f"{what} must be an integer{bounds}; got {value!r}.")
-    return int(value)
 
 
 def _check_mask(mask: Array) -> Array:

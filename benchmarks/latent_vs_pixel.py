@@ -13,27 +13,16 @@ shapes (the costs do not depend on the values); the parameters are each config's
 Prints a table and writes JSON.
 """
 
-import argparse
-import os
 import statistics
-import sys
 import time
 
-_parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-_parser.add_argument("--devices", type=int, default=2, help="host devices (XLA CPU devices)")
+import host
+
+_parser = host.parser(__doc__, "latent_vs_pixel.json")
 _parser.add_argument("--rounds", type=int, default=5, help="timed rounds (one call of each)")
 _parser.add_argument("--encode_batch", type=int, default=64, help="images per encoder call")
-_parser.add_argument(
-    "--out",
-    default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "latent_vs_pixel.json"),
-)
 ARGS = _parser.parse_args()
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + f" --xla_force_host_platform_device_count={ARGS.devices}"
-    + (" --xla_cpu_multi_thread_eigen=false" if ARGS.devices > 1 else "")
-)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+host.use_host_devices(ARGS.devices)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -21,27 +21,18 @@ XLA's Eigen pool off as in `launch/quickstart.sh`: apd's setting for CPU hosts).
 Prints a table and writes JSON.
 """
 
-import argparse
 import os
 import sys
 import tempfile
 import time
 
-_parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-_parser.add_argument("--devices", type=int, default=2, help="host devices (XLA CPU devices)")
+import host
+
+_parser = host.parser(__doc__, "train_throughput.json")
 _parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
 _parser.add_argument("--loop_steps", type=int, default=60, help="steps of the real loop")
-_parser.add_argument(
-    "--out",
-    default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_throughput.json"),
-)
 ARGS = _parser.parse_args()
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + f" --xla_force_host_platform_device_count={ARGS.devices}"
-    + (" --xla_cpu_multi_thread_eigen=false" if ARGS.devices > 1 else "")
-)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+host.use_host_devices(ARGS.devices)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

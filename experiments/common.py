@@ -98,6 +98,47 @@ def diffusion(
     )
 
 
+def _run_config(
+    *,
+    dataset: str,
+    data_path: str | None,
+    image_size: int | None,
+    random_flip: bool,
+    batch: int,
+    steps: int,
+    model: dict,
+    lr: float,
+    warmup_steps: int,
+    fsdp: int,
+) -> mc.ConfigDict:
+    """What every trained model's config holds (`apd.training.loop`): seed, length, data, model,
+    optimizer, EMA, mesh, checkpoints and the logging cadence."""
+    config = mc.ConfigDict()
+    config.seed = 0
+    config.total_steps = steps
+    config.data = mc.ConfigDict(
+        {
+            "name": dataset,
+            "path": data_path,
+            "data_dir": None,
+            "image_size": image_size,
+            "random_flip": random_flip,
+            "global_batch_size": batch,
+        }
+    )
+    config.model = mc.ConfigDict(model)
+    config.optimizer = optimizer(lr=lr, warmup_steps=warmup_steps)
+    config.ema_decay = 0.999
+    config.mesh = mc.ConfigDict({"data": -1, "fsdp": fsdp})
+    config.checkpoint = mc.ConfigDict(
+        {"every_steps": 1000, "keep_last": 3, "keep_every": 0, "async_save": True}
+    )
+    config.log_every_steps = 100
+    config.sample_every_steps = 5000  # PNG grids in WORKDIR/samples; 0 = off
+    config.progress_every_secs = 60.0
+    return config
+
+
 def training_config(
     *,
     dataset: str,
@@ -114,34 +155,22 @@ def training_config(
     fsdp: int = 1,
 ) -> mc.ConfigDict:
     """The full training config shared by the experiments; each file picks its values."""
-    config = mc.ConfigDict()
-    config.seed = 0
-    config.total_steps = steps
-    config.data = mc.ConfigDict(
-        {
-            "name": dataset,
-            "path": data_path,
-            "data_dir": None,
-            "image_size": image_size,
-            "random_flip": random_flip,
-            "global_batch_size": batch,
-        }
-    )
-    config.model = mc.ConfigDict(
-        {"name": size, "class_conditional": True, "options": mc.ConfigDict()}
+    config = _run_config(
+        dataset=dataset,
+        data_path=data_path,
+        image_size=image_size,
+        random_flip=random_flip,
+        batch=batch,
+        steps=steps,
+        model={"name": size, "class_conditional": True, "options": mc.ConfigDict()},
+        lr=lr,
+        warmup_steps=warmup_steps,
+        fsdp=fsdp,
     )
     config.diffusion = diffusion()
     config.levels = level_sampler(sampler, grid)
-    config.optimizer = optimizer(lr=lr, warmup_steps=warmup_steps)
-    config.ema_decay = 0.999
-    config.mesh = mc.ConfigDict({"data": -1, "fsdp": fsdp})
-    config.checkpoint = mc.ConfigDict(
-        {"every_steps": 1000, "keep_last": 3, "keep_every": 0, "async_save": True}
-    )
-    config.log_every_steps = 100
-    config.sample_every_steps = 5000  # PNG grids of EMA samples in WORKDIR/samples; 0 = off
+    # Grids of EMA samples every `sample_every_steps`.
     config.sample = mc.ConfigDict({"num": 64, "steps": 50, "eta": 0.25})
-    config.progress_every_secs = 60.0
     config.evaluate = evaluation()
     return config
 
@@ -163,27 +192,23 @@ def autoencoder_config(
 ) -> mc.ConfigDict:
     """The training config of a mask-aware autoencoder (`config.task = 'autoencoder'`,
     `apd.training.autoencoder_task`; `python -m apd.train_autoencoder`)."""
-    config = mc.ConfigDict()
-    config.task = "autoencoder"
-    config.seed = 0
-    config.total_steps = steps
-    config.data = mc.ConfigDict(
-        {
-            "name": dataset,
-            "path": None,
-            "data_dir": None,
-            "image_size": image_size,
-            "random_flip": random_flip,
-            "global_batch_size": batch,
-        }
-    )
-    config.model = mc.ConfigDict(
-        {
+    config = _run_config(
+        dataset=dataset,
+        data_path=None,
+        image_size=image_size,
+        random_flip=random_flip,
+        batch=batch,
+        steps=steps,
+        model={
             "name": size,
             "class_conditional": False,
             "options": {"quantizer_config": dict(quantizer)},
-        }
+        },
+        lr=lr,
+        warmup_steps=warmup_steps,
+        fsdp=fsdp,
     )
+    config.task = "autoencoder"
     config.loss = mc.ConfigDict(
         {"reconstruction": "l1", "reconstruction_weight": 1.0, "consistency_weight": 1.0}
     )
@@ -207,17 +232,8 @@ def autoencoder_config(
             "optimizer": optimizer(lr=2e-4, warmup_steps=0, b2=0.99),
         }
     )
-    config.optimizer = optimizer(lr=lr, warmup_steps=warmup_steps)
-    config.ema_decay = 0.999
-    config.mesh = mc.ConfigDict({"data": -1, "fsdp": fsdp})
-    config.checkpoint = mc.ConfigDict(
-        {"every_steps": 1000, "keep_last": 3, "keep_every": 0, "async_save": True}
-    )
-    config.log_every_steps = 100
     # Reconstruction grids (original | masked input | reconstruction) in WORKDIR/samples.
-    config.sample_every_steps = 5000
     config.sample = mc.ConfigDict({"num": 8})
-    config.progress_every_secs = 60.0
     return config
 
 

@@ -87,7 +87,7 @@ def sample(name: str, key: Array, batch_size: int, grid: int | Sequence[int], **
     """
     resolved = resolve_params(name, grid, **params)
     grid = checks.as_grid(grid)
-    batch_size = _check_int("batch_size", batch_size, lo=0)
+    batch_size = checks.check_int("batch_size", batch_size, lo=0)
     _check_key(key)
     return _sample_jit(
         key, name=name, batch_size=batch_size, grid=grid, params=tuple(sorted(resolved.items()))
@@ -115,14 +115,6 @@ def resolve_params(name: str, grid: int | Sequence[int], **params) -> dict[str, 
 # ---------------------------------------------------------------------------------------------
 # Eager checks
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_int(what: str, value, lo: int | None = None, hi: int | None = None) -> int:
-    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if not is_int or (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f" in [{lo}, {hi}]" if hi is not None else f" >= {lo}" if lo is not None else ""
-        raise ValueError(f"{what} must be an integer{bounds}; got {value!r}.")
-    return int(value)
 
 
 def _check_float(what: str, value, lo: float, hi: float) -> float:
@@ -165,7 +157,7 @@ def _resolve_patch_grid(
             f"axis) in [1, {k_hi}]; got {patch_sizes!r}."
         )
     patch_sizes = tuple(
-        _check_int(f"{sampler} patch_sizes entry (K)", k, 1, k_hi) for k in patch_sizes
+        checks.check_int(f"{sampler} patch_sizes entry (K)", k, 1, k_hi) for k in patch_sizes
     )
     if len(set(patch_sizes)) != len(patch_sizes):
         raise ValueError(f"{sampler} patch_sizes must not repeat a K; got {patch_sizes!r}.")
@@ -194,8 +186,8 @@ def _resolve_patchwise(grid: Grid, patch_sizes, patch_probs) -> dict[str, object
 
 
 def _resolve_perlin(grid: Grid, scale, threshold, octaves) -> dict[str, object]:
-    scale = _check_int("perlin scale (lattice cells per axis)", scale, lo=1, hi=max(grid))
-    octaves = _check_int("perlin octaves", octaves, lo=1, hi=8)
+    scale = checks.check_int("perlin scale (lattice cells per axis)", scale, lo=1, hi=max(grid))
+    octaves = checks.check_int("perlin octaves", octaves, lo=1, hi=8)
     if scale * 2 ** (octaves - 1) > max(grid):
         raise ValueError(
             f"perlin scale * 2**(octaves - 1), the cells per axis of the finest octave, must be at "
