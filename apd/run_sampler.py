@@ -374,11 +374,12 @@ class Sampler:
     def _check_known(self, known: np.ndarray) -> np.ndarray:
         arr = np.asarray(known)
         grid = self.image_grid
-        if arr.ndim != 3 or arr.shape[1:] != grid or not np.isin(arr, (0, 1)).all():
+        if arr.ndim != 3 or arr.shape[1:] != grid:
             raise ValueError(
-                f"masks must be [N, H, W] with (H, W) = {grid}, 0 (generate) or 1 (known); "
-                f"got {arr.dtype} of shape {arr.shape}."
+                f"masks must be [N, H, W] with (H, W) = {grid} (1 = known, 0 = generate); got "
+                f"shape {arr.shape}."
             )
+        checks.check_mask(arr, arr.shape, "masks", form="[N, H, W]", zero="generate", one="known")
         return arr.astype(np.uint8)
 
     # -- a latent run's pixel side ----------------------------------------------------------------

@@ -233,8 +233,7 @@ def make_masks(spec: str, num: int, grid: tuple[int, int], seed: int) -> np.ndar
     from `seed`, or a FILE.npy."""
     if spec.endswith(".npy"):
         masks = _from_file(spec, "mask", num, grid)
-        if not np.isin(masks, (0.0, 1.0)).all():
-            raise ValueError(f"--mask file {spec} must hold only 0 (generate) and 1 (known).")
+        checks.check_mask(masks, masks.shape, f"--mask file {spec}", zero="generate", one="known")
         return masks.astype(np.uint8)
     checks.check_choice("mask", spec, MASKS)
     return masks_lib.make_masks(spec, seed, num, grid)

@@ -100,15 +100,14 @@ def repaint(
     if prediction == "eps" and inputs.alpha_at_noise(schedule) == 0.0:
         raise inputs.eps_at_noise_error("RePaint starts every token at level 1")
     x_known = jnp.asarray(x_known, jnp.float32)
-    if jnp.shape(mask) != x_known.shape[:-1]:
-        raise ValueError(
-            f"repaint mask must be [B, *tokens] = {x_known.shape[:-1]} (x_known without its "
-            f"channel axis); got shape {jnp.shape(mask)}."
-        )
-    if checks.is_concrete(mask):
-        arr = np.asarray(mask)
-        if ((arr != 0) & (arr != 1)).any():
-            raise ValueError("repaint mask must hold only 0 (generate) and 1 (known).")
+    checks.check_mask(
+        mask,
+        x_known.shape[:-1],
+        "repaint mask",
+        form="[B, *tokens] (x_known without its channel axis)",
+        zero="generate",
+        one="known",
+    )
     inputs.check_scalar("eta", eta, 0.0, 1.0)
     labels = inputs.check_labels(labels, x_known.shape[0], num_classes)
     levels = jnp.asarray(repaint_schedule(steps, jump_length, resample))
