@@ -56,6 +56,13 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
     return config
 
 
+def asyncpatch_config(arg: str | None = None) -> mc.ConfigDict:
+    """The asyncpatch run of this sweep, the base of the sweeps of its hyperparameters
+    (`sweep_delta_max.py`, `sweep_patch_grid.py`). Arguments: steps, smoke."""
+    arg = common.parse_arg(arg, steps=1200, smoke=False)
+    return get_config(f"sampler=asyncpatch,steps={arg.steps}" + (",smoke" if arg.smoke else ""))
+
+
 def get_hyper(h):
     fixed_k4 = h.product(
         [h.fixed(":sampler", "patchwise"), h.fixed("levels.params.patch_sizes", (4,))]

@@ -10,19 +10,13 @@ paper's value, apd's default) is the ablation's asyncpatch run itself. Three tra
 Config arguments: steps (training steps of every run), smoke.
 """
 
-import ml_collections as mc
-
-from experiments import ablation_samplers, common
+from experiments import ablation_samplers
 
 DELTA_MAX = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
 SEEDS = (0, 1, 2)
 
 
-def get_config(arg: str | None = None) -> mc.ConfigDict:
-    arg = common.parse_arg(arg, steps=1200, smoke=False)
-    return ablation_samplers.get_config(
-        f"sampler=asyncpatch,steps={arg.steps}" + (",smoke" if arg.smoke else "")
-    )
+get_config = ablation_samplers.asyncpatch_config
 
 
 def get_hyper(h):

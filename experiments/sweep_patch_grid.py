@@ -12,19 +12,13 @@ without K = 1. Three training seeds.
 Config arguments: steps (training steps of every run), smoke.
 """
 
-import ml_collections as mc
-
-from experiments import ablation_samplers, common
+from experiments import ablation_samplers
 
 PATCH_GRIDS = ((1,), (4,), (16,), (1, 2, 4), (4, 8, 16), (1, 2, 4, 8, 16), (2, 4, 8, 16))
 SEEDS = (0, 1, 2)
 
 
-def get_config(arg: str | None = None) -> mc.ConfigDict:
-    arg = common.parse_arg(arg, steps=1200, smoke=False)
-    return ablation_samplers.get_config(
-        f"sampler=asyncpatch,steps={arg.steps}" + (",smoke" if arg.smoke else "")
-    )
+get_config = ablation_samplers.asyncpatch_config
 
 
 def get_hyper(h):
