@@ -115,7 +115,25 @@ def steps_on_disk(directory: str) -> list[int]:
     return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
+# What Orbax logs, as warnings, on every read-only partial restore: that the manager is read-only
+# and that the items not asked for (the input pipeline's state, the other trees) were not read.
+_PARTIAL_READ_ECHOES = (
+    "Given directory is read only",
+    "was found in the checkpoint, but could not be restored",
+)
+
+
+def _quiet_partial_reads() -> None:
+    """Filters Orbax's warnings about what a read-only partial restore leaves unread."""
+    if "partial" not in _QUIETED:
+        _QUIETED.add("partial")
+        pylogging.getLogger("absl").addFilter(
+            lambda record: not any(e in record.getMessage() for e in _PARTIAL_READ_ECHOES)
+        )
+
+
 def _read_only_manager(directory: str, handlers: dict[str, Any]) -> ocp.CheckpointManager:
+    _quiet_partial_reads()
     return ocp.CheckpointManager(
         directory,
         item_names=tuple(handlers),
