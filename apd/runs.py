@@ -246,31 +246,7 @@ def first_images(run: Run, split: str, num: int) -> tuple[np.ndarray, np.ndarray
     """The first `num` images of the run's dataset split: (float32 [num, H, W, C] in [-1, 1],
     labels int32 [num]), as the evaluation pipeline reads them (a latent run's: the images
     its latents were encoded from, `image_data`)."""
-    return read_images(image_data(run.config, run.directory), split, num)
-
-
-def read_images(
-    data_cfg: mc.ConfigDict, split: str, num: int, at_most: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """The first `num` images of a split of the dataset `data_cfg` names (`name`, `path`,
-    `data_dir`, `image_size`), as the evaluation pipeline reads them: (float32 [n, H, W, C] in
-    [-1, 1], labels int32 [n]). n = num, or with at_most=True the split's size if smaller (else
-    a split smaller than num is an error)."""
-    cfg = data_cfg
-    source = data_lib.get_source(cfg.name, split, data_dir=cfg.data_dir, path=cfg.path)
-    if at_most:
-        num = min(num, len(source))
-    elif len(source) < num:
-        raise ValueError(f"{num} images asked of split {split!r}, which holds {len(source)}.")
-    batch = data_lib.make_eval_dataset(
-        source,
-        global_batch_size=num,
-        num_examples=num,
-        image_size=cfg.image_size,
-        process_index=0,
-        process_count=1,
-    )[0]
-    return np.asarray(batch["image"]), np.asarray(batch["label"])
+    return data_lib.read_images(image_data(run.config, run.directory), split, num)
 
 
 def _tuples(value: Any) -> Any:

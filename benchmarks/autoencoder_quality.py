@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import report  # noqa: E402
 
-from apd import latents, runs  # noqa: E402
+from apd import data as data_lib  # noqa: E402
+from apd import latents  # noqa: E402
 from apd.evaluation import lpips, masks, protocol  # noqa: E402
 
 FAMILIES = masks.FAMILIES
@@ -60,7 +61,7 @@ def main():
     rows = []
     for name, workdir, step in named:
         codec = latents.Codec.from_workdir(workdir, step=step)
-        x, _ = runs.read_images(codec.config.data, ARGS.split, ARGS.num, at_most=True)
+        x, _ = data_lib.read_images(codec.config.data, ARGS.split, ARGS.num, at_most=True)
         num = x.shape[0]
         known = {f: masks.make_masks(f, 0, num, x.shape[1:3]) for f in FAMILIES}
         y, metrics = protocol.autoencoder_metrics(codec, x, known, map_rows)

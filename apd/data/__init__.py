@@ -14,6 +14,7 @@ from apd.data.pipeline import (
     checkpoint_save_args,
     make_dataset,
     make_eval_dataset,
+    read_images,
 )
 from apd.data.sources import (
     LATENTS,
@@ -43,4 +44,5 @@ __all__ = [
     "get_source",
     "make_dataset",
     "make_eval_dataset",
+    "read_images",
 ]

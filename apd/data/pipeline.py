@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from apd.data import transforms
-from apd.data.sources import Source
+from apd.data.sources import Source, get_source
 
 # In-process reading: on 2 CPU cores threads beat worker processes for small images.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
@@ -244,3 +244,27 @@ def checkpoint_restore_args(iterator: grain.DatasetIterator) -> grain.checkpoint
     `iterator` must come from `make_dataset` with the same arguments as the saved one.
     """
     return grain.checkpoint.CheckpointRestore(iterator)
+
+
+def read_images(
+    data_cfg, split: str, num: int, at_most: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first `num` images of a split of the dataset `data_cfg` names (`name`, `path`,
+    `data_dir`, `image_size`), as the evaluation pipeline reads them: (float32 [n, H, W, C] in
+    [-1, 1], labels int32 [n]). n = num, or with at_most=True the split's size if smaller (else
+    a split smaller than num is an error)."""
+    cfg = data_cfg
+    source = get_source(cfg.name, split, data_dir=cfg.data_dir, path=cfg.path)
+    if at_most:
+        num = min(num, len(source))
+    elif len(source) < num:
+        raise ValueError(f"{num} images asked of split {split!r}, which holds {len(source)}.")
+    batch = make_eval_dataset(
+        source,
+        global_batch_size=num,
+        num_examples=num,
+        image_size=cfg.image_size,
+        process_index=0,
+        process_count=1,
+    )[0]
+    return np.asarray(batch["image"]), np.asarray(batch["label"])

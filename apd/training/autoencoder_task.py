@@ -280,19 +280,7 @@ class Autoencoder:
             return None
         model = prepared.run.model
         num = config.sample.num
-        source = data_lib.get_source(
-            config.data.name, "test", data_dir=config.data.data_dir, path=config.data.path
-        )
-        stream = data_lib.make_eval_dataset(
-            source,
-            global_batch_size=num,
-            num_examples=num,
-            image_size=config.data.image_size,
-            process_index=0,
-            process_count=1,
-        )
-        batch = stream[0]
-        x = np.asarray(batch["image"])[np.asarray(batch["mask"])]
+        x, _ = data_lib.read_images(config.data, "test", num, at_most=True)
         known = visual_masks(config.seed, len(x), prepared.image_shape[:2])
         consistency_weight = float(config.loss.consistency_weight)
 
