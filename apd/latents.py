@@ -227,6 +227,12 @@ def _decode(model, variables, latents, known, shift, scale):
     return jnp.clip(model.apply(variables, quantized, known, method="decode"), -1.0, 1.0)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_unquantized(model, variables, latents, known, shift, scale):
+    z = latents * _stats_shape(scale) + _stats_shape(shift)
+    return jnp.clip(model.apply(variables, z, known, method="decode"), -1.0, 1.0)
+
+
 class Codec:
     """A trained autoencoder as the latent codec (see the module docstring).
 
@@ -474,17 +480,20 @@ class Codec:
             quantizers.from_config(dict(self.model.quantizer_config), self.latent_dim).num_codes
         )
 
-    def decode(self, latents: Any, known: Any = None) -> Array:
+    def decode(self, latents: Any, known: Any = None, quantize: bool = True) -> Array:
         """Normalised latents -> images: un-normalise (z * scale + shift), quantise, decode.
 
         Args:
           latents: float [B, h, w, D] (normalised, as `encode` returns them).
           known: [B, h f, w f] in {0, 1}, the pixel mask the decoder is conditioned on, or None.
+          quantize: False decodes the latents as they are, skipping the quantiser (a diagnostic:
+            what the quantiser costs; the decoder was trained on quantised latents).
         Returns:
           float32 [B, h f, w f, C], clipped to [-1, 1].
         """
         self._check_latents(latents, known)
-        return self._run(_decode, latents, known, self._shift, self._scale)
+        fn = _decode if quantize else _decode_unquantized
+        return self._run(fn, latents, known, self._shift, self._scale)
 
     def _run(self, fn, x: Any, known: Any, shift: Array, scale: Array) -> Array:
         """fn(model, variables, x, known, shift, scale) on the batch split over the devices."""

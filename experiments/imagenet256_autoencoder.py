@@ -66,6 +66,7 @@ def paper_autoencoder(arg: mc.ConfigDict, dataset: str) -> mc.ConfigDict:
     config.adversarial.channels = 64
     config.adversarial.optimizer.lr = 1e-4
     config.checkpoint.every_steps = 5_000
+    config.checkpoint.keep_every = 50_000  # kept for the latent datasets encoded with them
     if arg.smoke:
         common.shrink_autoencoder_for_smoke(config, image_size=64)
     return config

@@ -104,6 +104,10 @@ def test_the_reconstruction_evaluator_scores_the_autoencoder(latent_run):
     x, _ = evaluator.inputs(6)
     y = np.asarray(run.codec.decode(run.codec.encode(x)))
     assert m["psnr"] == pytest.approx(float(np.mean(image_metrics.psnr(y, x))), rel=1e-5)
+    y_raw = np.asarray(run.codec.decode(run.codec.encode(x), quantize=False))
+    assert m["psnr_unquantized"] == pytest.approx(
+        float(np.mean(image_metrics.psnr(y_raw, x))), rel=1e-5
+    )
 
 
 def test_evaluators_that_do_not_fit_the_run_are_refused_before_sampling(latent_run, tmp_path):

@@ -815,7 +815,9 @@ def autoencoder_metrics(
 ) -> tuple[np.ndarray, dict[str, float | None]]:
     """A latent codec (`apd.latents.Codec`) on images: (decode(encode(x)), metrics).
 
-    Metrics: 'psnr', 'ssim' (means over the images), 'code_usage' (the fraction of the code space
+    Metrics: 'psnr', 'ssim' (means over the images), 'psnr_unquantized' (the PSNR of decoding
+    the encoder's latents without quantising them: the gap to 'psnr' is what the quantiser
+    costs), 'code_usage' (the fraction of the code space
     the images' tokens use), 'code_perplexity' (exp of the entropy of their code histogram),
     'leakage/FAMILY' (`apd.models.autoencoder.leakage` of the fully known tokens when x is
     encoded with the family's masks) and 'leakage' (their mean over families).
@@ -830,6 +832,7 @@ def autoencoder_metrics(
     from apd.models import autoencoder
 
     y = map_rows(lambda rows: codec.decode(codec.encode(rows)), x)
+    y_unquantized = map_rows(lambda rows: codec.decode(codec.encode(rows), quantize=False), x)
     codes = map_rows(codec.codes, x)
     counts = np.bincount(codes.ravel(), minlength=codec.num_codes).astype(np.float64)
     p = counts / counts.sum()
@@ -837,6 +840,7 @@ def autoencoder_metrics(
     metrics: dict[str, float | None] = {
         "psnr": float(np.mean(np.asarray(image_metrics.psnr(y, x)))),
         "ssim": float(np.mean(np.asarray(image_metrics.ssim(y, x)))),
+        "psnr_unquantized": float(np.mean(np.asarray(image_metrics.psnr(y_unquantized, x)))),
         "code_usage": float(np.mean(counts > 0)),
         "code_perplexity": float(np.exp(-np.sum(nonzero * np.log(nonzero)))),
     }

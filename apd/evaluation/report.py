@@ -166,6 +166,7 @@ def write(
             leaks = sorted(k for k in recon if k.startswith("leakage/"))
             header = [
                 "PSNR (dB)",
+                "PSNR unquantised",
                 "SSIM",
                 "LPIPS",
                 "rFID",
@@ -177,6 +178,7 @@ def write(
             ]
             cells = [
                 fmt(recon.get("psnr")),
+                fmt(recon.get("psnr_unquantized")),
                 fmt(recon.get("ssim"), 3),
                 fmt(recon.get("lpips"), 3),
                 fmt(recon.get("fid")),
@@ -189,7 +191,9 @@ def write(
             lines += [*_table(header, ["| " + " | ".join(cells) + " |"]), ""]
             lines += [
                 "decode(encode(x)) of the inpainting inputs, no mask (rFID/rKID against the split "
-                "without them); code usage: the fraction of the code space their tokens use. "
+                "without them); PSNR unquantised: the encoder's latents decoded without the "
+                "quantiser (the gap is what it costs); code usage: the fraction of the code "
+                "space their tokens use. "
                 "leakage: how far the fully known tokens' latents move when the "
                 "image is encoded with a hole (mean |z_masked - z_full| / std(z_full)), per mask "
                 "family.",
