@@ -47,6 +47,9 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
         inpainting_methods=("apd", "repaint") if arg.sampler == BASELINE else ("apd",),
     )
     config.evaluate.evaluators = ("generation", "inpainting")
+    # 80 images per network call: the 160 inpainting inputs in two full chunks (the default 250
+    # pads them to 250 rows) and the 500 samples in 7 (560 rows): 24% fewer rows per run.
+    config.evaluate.batch = 80
     config.evaluate.inpainting.repaint_steps = 25
     config.evaluate.inpainting.repaint_jump = 5
     config.evaluate.inpainting.repaint_resample = 3
