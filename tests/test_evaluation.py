@@ -92,6 +92,31 @@ def test_fid_singular_covariances_stay_finite():
     assert np.isfinite(value) and value > np.sum((mu1 - mu2) ** 2) * 0.5
 
 
+@pytest.mark.parametrize("n", [12, 64, 65, 200])
+def test_fid_from_features_equals_fid_from_their_statistics(n):
+    """Fewer samples than dimensions (the N x N eigenproblem), exactly as many, and more (the
+    statistics' path): the same distance as the square root of the D x D product."""
+    rng = np.random.default_rng(n)
+    d = 64
+    f1 = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) * 0.3 + 0.2
+    f2 = rng.normal(size=(500, d)) @ rng.normal(size=(d, d)) * 0.3
+    mu2, s2 = frechet.stats_from_features(f2)
+    mu1, s1 = frechet.stats_from_features(f1)
+    # The reference: sum of the square roots of the eigenvalues of S1 S2 (rank <= n - 1).
+    eigenvalues = scipy.linalg.eigvals(s1 @ s2).real
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
+    expected -= 2 * np.sum(np.sqrt(np.clip(eigenvalues, 0, None)))
+    got = frechet.fid_from_features(f1.astype(np.float32).astype(np.float64), mu2, s2)
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert frechet.fid_from_features(f1, mu2, s2) == pytest.approx(
+        frechet.fid_from_stats(mu1, s1, mu2, s2), rel=1e-6
+    )
+    with pytest.raises(ValueError, match=r"dimensions?:? 64 and (the reference statistics )?3"):
+        frechet.fid_from_features(f1, np.zeros(3), np.eye(3))
+    with pytest.raises(ValueError, match=r"N >= 2"):
+        frechet.fid_from_features(f1[:1], mu2, s2)
+
+
 def test_fid_rejects_bad_statistics():
     eye = np.eye(3)
     with pytest.raises(ValueError, match="feature dimensions"):

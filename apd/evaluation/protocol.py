@@ -379,8 +379,9 @@ class Features:
         they are."""
         chunks = (images_float[s : s + batch] for s in range(0, images_float.shape[0], batch))
         stats = reference.accumulate(self.embed, chunks, self.dim, keep=images_float.shape[0])
-        fid = frechet.fid_from_stats(
-            stats.mean, stats.covariance, self.reference.mean, self.reference.covariance
+        # Every feature is kept (for KID): FID from them, which is fast when N <= D.
+        fid = frechet.fid_from_features(
+            stats.features, self.reference.mean, self.reference.covariance
         )
         ours, theirs = stats.features, self.reference.features[kid_exclude:]
         if theirs.shape[0] < 2:
