@@ -536,6 +536,20 @@ def test_table_over_training_seeds(tmp_path):
     assert plot.stat().st_size > 10_000 and "(plots/vs_delta_max.png)" in text
 
 
+def test_table_names_each_groups_step_when_the_runs_train_for_different_lengths(tmp_path):
+    config = write_config(tmp_path, 'h.sweep("total_steps", [2, 3])')
+    root = tmp_path / "root"
+    sweep = plan.load(config, str(root))
+    for run in sweep.runs:
+        fake_finished(run)
+    main(f"--config={config}", f"--root={root}", "--stage=table")
+    data = json.loads((root / "table.json").read_text())
+    assert data["step"] is None
+    assert [g["steps"] for g in data["groups"]] == [[2], [3]]
+    text = (root / "table.md").read_text()
+    assert "Steps total_steps=2 2, total_steps=3 3;" in text and "Step None" not in text
+
+
 def _old_ablation_value(sampler_index):
     def value(unit, metric):
         repaint = unit.method is not None and unit.method.kind == "repaint"

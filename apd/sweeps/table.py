@@ -108,6 +108,10 @@ def build(runs: Sequence[Any], results: dict[str, dict]) -> dict[str, Any]:
             continue
         group["runs"].append(run.name)
         group["seeds"].append(run.point.get("seed", run.config.seed))
+        step = results[run.name]["step"]
+        group.setdefault("steps", [])
+        if step not in group["steps"]:
+            group["steps"].append(step)
     metric_names: list[str] = []
     for record in results.values():
         metric_names += [m for m in record["summary"] if m not in metric_names]
@@ -121,10 +125,12 @@ def build(runs: Sequence[Any], results: dict[str, dict]) -> dict[str, Any]:
                 group["metrics"][metric] = aggregate([e["mean"] for e in entries], eval_std)
     first = next(iter(results.values()), None)
     seeded = any(len(g["runs"]) > 1 for g in groups.values())
+    steps = {r["step"] for r in results.values()}
     return {
         "groups": list(groups.values()),
         "metrics": metric_names,
-        "step": None if first is None else first["step"],
+        # The evaluated step when every run has the same one; else None (each group's "steps").
+        "step": steps.pop() if len(steps) == 1 else None,
         "evaluate": None if first is None else first["provenance"]["evaluate"],
         "features": None if first is None else first["provenance"].get("features"),
         "interval": "95% t-interval over training seeds" if seeded else "std over evaluation seeds",
@@ -143,7 +149,15 @@ def _cell(entry: dict[str, Any] | None) -> str:
 
 def _caption(table: dict[str, Any]) -> str:
     ev = table["evaluate"] or {}
-    parts = [f"Step {table['step']}"]
+    if table["step"] is not None or not table["groups"]:
+        parts = [f"Step {table['step']}"]
+    else:
+        steps = [
+            f"{g['name']} {'/'.join(str(n) for n in g.get('steps', []))}"
+            for g in table["groups"]
+            if g.get("steps")
+        ]
+        parts = ["Steps " + ", ".join(steps)]
     if "seeds" in ev:
         parts.append(f"evaluation seeds {list(ev['seeds'])}")
     evaluators = ev.get("evaluators", ())
