@@ -204,6 +204,8 @@ def test_sampler_refuses_bad_inputs(run):
     with pytest.raises(ValueError, match=r"images must be float \[N, H, W, C\]"):
         sampler.inpaint(x[..., 0], known)
     with pytest.raises(ValueError, match=r"masks must be \[N, H, W\] with \(H, W\) = \(28, 28\)"):
+        sampler.inpaint(x, known[:, :20])
+    with pytest.raises(ValueError, match=r"masks must hold only 0 \(generate\) and 1 \(known\)"):
         sampler.inpaint(x, known * 2)
     with pytest.raises(ValueError, match=r"needs 3 rows .* got shape \(2, 28, 28\)"):
         sampler.inpaint(x, known, labels=np.zeros((2, *GRID), np.int32))
