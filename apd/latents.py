@@ -220,16 +220,11 @@ def _codes(model, variables, images, known, shift, scale):
     return model.apply(variables, z, method="quantize").codes
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _decode(model, variables, latents, known, shift, scale):
+@functools.partial(jax.jit, static_argnums=0, static_argnames="quantize")
+def _decode(model, variables, latents, known, shift, scale, quantize=True):
     z = latents * _stats_shape(scale) + _stats_shape(shift)
-    quantized = model.apply(variables, z, method="quantize").quantized
-    return jnp.clip(model.apply(variables, quantized, known, method="decode"), -1.0, 1.0)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _decode_unquantized(model, variables, latents, known, shift, scale):
-    z = latents * _stats_shape(scale) + _stats_shape(shift)
+    if quantize:
+        z = model.apply(variables, z, method="quantize").quantized
     return jnp.clip(model.apply(variables, z, known, method="decode"), -1.0, 1.0)
 
 
@@ -492,7 +487,7 @@ class Codec:
           float32 [B, h f, w f, C], clipped to [-1, 1].
         """
         self._check_latents(latents, known)
-        fn = _decode if quantize else _decode_unquantized
+        fn = functools.partial(_decode, quantize=bool(quantize))
         return self._run(fn, latents, known, self._shift, self._scale)
 
     def _run(self, fn, x: Any, known: Any, shift: Array, scale: Array) -> Array:

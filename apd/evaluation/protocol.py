@@ -832,8 +832,9 @@ def autoencoder_metrics(
     """
     from apd.models import autoencoder
 
-    y = map_rows(lambda rows: codec.decode(codec.encode(rows)), x)
-    y_unquantized = map_rows(lambda rows: codec.decode(codec.encode(rows), quantize=False), x)
+    z = map_rows(codec.encode, x)
+    y = map_rows(codec.decode, z)
+    y_unquantized = map_rows(lambda rows: codec.decode(rows, quantize=False), z)
     codes = map_rows(codec.codes, x)
     counts = np.bincount(codes.ravel(), minlength=codec.num_codes).astype(np.float64)
     p = counts / counts.sum()
