@@ -7,7 +7,9 @@ f = 4, so images become 16 x 16 x 3 latents (`apd.models.autoencoder`; the task
     python -m apd.train_autoencoder --config=experiments/clipart_autoencoder.py:smoke ...
 
 Arguments: quantizer (vq: a 1,024-code EMA codebook with dead-code restarts | fsq: levels
-(8, 8, 16), 1,024 codes), steps (total training steps), batch (global batch size), gan (switch
+(8, 8, 16), 1,024 codes), steps (total training steps), cooldown (0: a constant learning rate;
+N > 0: the last N steps cool it down linearly to zero, `optimizer.decay = 'cooldown'`; extending
+a run moves its cooldown to the new end), batch (global batch size), gan (switch
 on the PatchGAN term: weight 0.1 from a third of the run on; its discriminator trains from step
 0), smoke (the tiny autoencoder, 4 steps, seconds on CPU).
 
@@ -30,6 +32,8 @@ from experiments import common
 # so 250 steps take 5-12 minutes, after 1-2 minutes of compilation.
 STEP_GFLOP = 14.3
 
+WARMUP_STEPS = 25
+
 QUANTIZERS = {
     "vq": {"kind": "vq", "num_codes": 1024, "update": "ema", "restart_after": 100},
     "fsq": {"kind": "fsq", "levels": (8, 8, 16)},
@@ -37,7 +41,9 @@ QUANTIZERS = {
 
 
 def get_config(arg: str | None = None) -> mc.ConfigDict:
-    arg = common.parse_arg(arg, quantizer="vq", steps=250, batch=8, gan=False, smoke=False)
+    arg = common.parse_arg(
+        arg, quantizer="vq", steps=250, cooldown=0, batch=8, gan=False, smoke=False
+    )
     checks.check_choice("quantizer", arg.quantizer, QUANTIZERS)
     config = common.autoencoder_config(
         dataset="clipart",
@@ -46,12 +52,16 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
         steps=arg.steps,
         batch=arg.batch,
         lr=5e-4,
-        warmup_steps=25,
+        warmup_steps=WARMUP_STEPS,
         gan_weight=0.1 if arg.gan else 0.0,
         gan_start=arg.steps // 3,
         # No flips: mirrored flags, text and arrows are not clip art of the same kind.
         random_flip=False,
     )
+    checks.check_int("cooldown", arg.cooldown, 0, arg.steps - WARMUP_STEPS)
+    if arg.cooldown:
+        config.optimizer.decay = "cooldown"
+        config.optimizer.cooldown_steps = arg.cooldown
     config.checkpoint.every_steps = 50
     # Every 500th step's checkpoint stays: a latent dataset names the autoencoder step it was
     # encoded with, so that step must outlive the rolling last three while the run goes on.

@@ -76,6 +76,8 @@ def optimizer(
             "weight_decay": 0.0,
             "warmup_steps": warmup_steps,
             "decay": "constant",
+            # Steps of the linear cooldown to zero when decay == "cooldown".
+            "cooldown_steps": 0,
             "grad_clip": grad_clip,
         }
     )

@@ -3,11 +3,14 @@
 import ml_collections as mc
 import optax
 
-DECAYS = ("constant", "cosine")
+DECAYS = ("constant", "cosine", "cooldown")
 
 
 def learning_rate(cfg: mc.ConfigDict, total_steps: int) -> optax.Schedule:
-    """Linear warmup over `cfg.warmup_steps`, then constant or cosine decay to zero."""
+    """Linear warmup over `cfg.warmup_steps`, then one of `DECAYS`: constant, cosine decay to
+    zero at `total_steps`, or constant with a linear cooldown to zero over the last
+    `cfg.cooldown_steps` steps (warmup-stable-decay: a run extended by more steps keeps its
+    constant phase and cools down at its new end)."""
     if cfg.decay not in DECAYS:
         raise ValueError(
             f"unknown optimizer.decay {cfg.decay!r}; expected one of {sorted(DECAYS)}."
@@ -15,8 +18,20 @@ def learning_rate(cfg: mc.ConfigDict, total_steps: int) -> optax.Schedule:
     warmup = max(int(cfg.warmup_steps), 0)
     if cfg.decay == "constant":
         after = optax.constant_schedule(cfg.lr)
-    else:
+    elif cfg.decay == "cosine":
         after = optax.cosine_decay_schedule(cfg.lr, max(total_steps - warmup, 1))
+    else:
+        cooldown = cfg.get("cooldown_steps", 0)
+        if not isinstance(cooldown, int) or not 0 < cooldown <= total_steps - warmup:
+            raise ValueError(
+                "optimizer.decay='cooldown' needs optimizer.cooldown_steps, an int in "
+                f"(0, total_steps - warmup_steps] = (0, {total_steps - warmup}]; "
+                f"got {cooldown!r}."
+            )
+        after = optax.join_schedules(
+            [optax.constant_schedule(cfg.lr), optax.linear_schedule(cfg.lr, 0.0, cooldown)],
+            boundaries=[total_steps - warmup - cooldown],
+        )
     if warmup == 0:
         return after
     return optax.join_schedules(
