@@ -21,6 +21,7 @@ Evaluation of generated images uses InceptionV3 (`apd.evaluate --inception_weigh
 
 import ml_collections as mc
 
+from apd.data import clipart
 from experiments import common
 
 # unet-small's blocks at 64 x 64: four levels (64 -> 32 -> 16 -> 8) of 16, 32, 64 and 64 channels,
@@ -40,6 +41,8 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
     )
     config = common.training_config(
         dataset="clipart",
+        # A string, so that `--config.data.path=DIR` reads clip art from elsewhere.
+        data_path=clipart.DEFAULT_PATH,
         grid=64,
         size=arg.size,
         sampler=arg.sampler,

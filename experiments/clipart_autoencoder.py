@@ -22,6 +22,7 @@ beyond a CPU run.
 import ml_collections as mc
 
 from apd import checks
+from apd.data import clipart
 from experiments import common
 
 # ae-f4-small's training step costs 14.3 GFLOP per image (XLA's count: the training rule encodes
@@ -47,6 +48,8 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
     checks.check_choice("quantizer", arg.quantizer, QUANTIZERS)
     config = common.autoencoder_config(
         dataset="clipart",
+        # A string, so that `--config.data.path=DIR` reads clip art from elsewhere.
+        data_path=clipart.DEFAULT_PATH,
         size="ae-f4-small",
         quantizer=QUANTIZERS[arg.quantizer],
         steps=arg.steps,

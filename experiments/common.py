@@ -190,13 +190,14 @@ def autoencoder_config(
     gan_start: int,
     image_size: int | None = None,
     random_flip: bool = False,
+    data_path: str | None = None,
     fsdp: int = 1,
 ) -> mc.ConfigDict:
     """The training config of a mask-aware autoencoder (`config.task = 'autoencoder'`,
     `apd.training.autoencoder_task`; `python -m apd.train_autoencoder`)."""
     config = _run_config(
         dataset=dataset,
-        data_path=None,
+        data_path=data_path,
         image_size=image_size,
         random_flip=random_flip,
         batch=batch,

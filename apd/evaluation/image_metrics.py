@@ -1,7 +1,11 @@
 """Per-image PSNR and SSIM in JAX, on images [B, H, W, C] in [-1, 1] (or any range: `data_range`).
 
 PSNR = 10 log10(L^2 / MSE), the MSE over all pixels and channels of an image; L is the data
-range (2 for [-1, 1], 1 for [0, 1], 255 for uint8 values). Identical images give +inf.
+range (2 for [-1, 1], 1 for [0, 1], 255 for uint8 values). Identical images give +inf from
+`psnr`; `capped_psnr`, what evaluation averages, floors each image's MSE at that of rounding to
+8 bits, (L / 255)^2 / 12, so an identical image reads `PSNR_CAP_DB` = 10 log10(12 * 255^2) =
+58.9 dB: one inpainting whose hole falls on a flat background it fills exactly (clip art's white)
+would otherwise make the mean over images infinite.
 
 SSIM is Wang et al. (2004) with their reference settings: an 11 x 11 Gaussian window (sigma 1.5,
 normalised to sum 1), K1 = 0.01, K2 = 0.03, C1 = (K1 L)^2, C2 = (K2 L)^2, local variances
@@ -50,6 +54,16 @@ def psnr(x: Array, y: Array, data_range: float = 2.0) -> Array:
     """
     _check_pair(x, y)
     return _psnr(x, y, jnp.float32(data_range))
+
+
+# The PSNR of uniform 8-bit rounding noise, MSE = (L / 255)^2 / 12, whatever the range L.
+PSNR_CAP_DB = float(10.0 * np.log10(12.0 * 255.0**2))
+
+
+def capped_psnr(x: Array, y: Array, data_range: float = 2.0) -> Array:
+    """`psnr` with each image's MSE floored at the 8-bit rounding error's: [B] float32 in
+    (-inf, PSNR_CAP_DB]; images within 8-bit rounding of each other read the cap."""
+    return jnp.minimum(psnr(x, y, data_range), PSNR_CAP_DB)
 
 
 def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> np.ndarray:

@@ -718,7 +718,7 @@ class Evaluator:
         known_error = float(np.max(np.abs(y - x)[is_known])) if is_known.any() else 0.0
         metrics = {
             **self._scores(y, kid_exclude=cfg.num_images),
-            "psnr": float(np.mean(np.asarray(image_metrics.psnr(y, x)))),
+            "psnr": float(np.mean(np.asarray(image_metrics.capped_psnr(y, x)))),
             "ssim": float(np.mean(np.asarray(image_metrics.ssim(y, x)))),
             "lpips": self._lpips(y, x),
             "known_max_abs_error": known_error,
@@ -840,9 +840,9 @@ def autoencoder_metrics(
     p = counts / counts.sum()
     nonzero = p[p > 0]
     metrics: dict[str, float | None] = {
-        "psnr": float(np.mean(np.asarray(image_metrics.psnr(y, x)))),
+        "psnr": float(np.mean(np.asarray(image_metrics.capped_psnr(y, x)))),
         "ssim": float(np.mean(np.asarray(image_metrics.ssim(y, x)))),
-        "psnr_unquantized": float(np.mean(np.asarray(image_metrics.psnr(y_unquantized, x)))),
+        "psnr_unquantized": float(np.mean(np.asarray(image_metrics.capped_psnr(y_unquantized, x)))),
         "code_usage": float(np.mean(counts > 0)),
         "code_perplexity": float(np.exp(-np.sum(nonzero * np.log(nonzero)))),
     }

@@ -419,7 +419,7 @@ def make_train_step(
         metrics = {
             "loss": loss,
             "reconstruction": reconstruction,
-            "psnr": jnp.mean(image_metrics.psnr(jnp.clip(x_hat, -1.0, 1.0), x)),
+            "psnr": jnp.mean(image_metrics.capped_psnr(jnp.clip(x_hat, -1.0, 1.0), x)),
             **out.metrics,
         }
         if disc is not None:
