@@ -290,6 +290,10 @@ def unit_settings(unit: Unit, evaluate: mc.ConfigDict) -> dict[str, Any]:
     if unit.evaluator in ("generation", "inpainting", "reconstruction"):
         common |= {
             "scores": ["fid", "kid"],
+            # The third entry is a version tag, the same for every feature network: it marks
+            # the units computed since apd's Fashion-MNIST features enter KID standardised
+            # (`Features.kid_standardise`; Inception's enter raw), so that older units are
+            # recomputed. Changing it recomputes every stored unit.
             "kid": [evaluate.kid_subsets, evaluate.kid_subset_size, "fmnist features standardised"],
         }
     if unit.evaluator == "reconstruction":
