@@ -38,7 +38,7 @@ from typing import Any
 import jax
 from absl import app, flags, logging
 
-from apd import __version__, cli, runs
+from apd import __version__, cache, cli, runs
 from apd.data import fashion_mnist
 from apd.evaluation import integrity, lpips, protocol, report
 from apd.training import checkpoint as checkpoint_lib
@@ -60,7 +60,7 @@ flags.DEFINE_bool("follow", False, "Evaluate new checkpoints as they appear.", f
 flags.DEFINE_string("out", None, "Output directory (default WORKDIR/eval).", flag_values=_FLAGS)
 flags.DEFINE_string(
     "cache_dir",
-    os.environ.get("APD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "apd")),
+    cache.root(),
     "Feature networks and reference statistics (default $APD_CACHE or ~/.cache/apd).",
     flag_values=_FLAGS,
 )

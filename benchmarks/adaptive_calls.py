@@ -32,7 +32,7 @@ import time
 import numpy as np
 import report
 
-from apd import run_sampler, runs
+from apd import cache, run_sampler, runs
 from apd.data import fashion_mnist
 from apd.evaluation import protocol
 
@@ -53,11 +53,7 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser.add_argument("--kid_subset_size", type=int, default=1000, help="KID subset size")
     parser.add_argument(
         "--feature_dir",
-        default=os.path.join(
-            os.environ.get("APD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "apd")),
-            "features",
-            "fashion_mnist",
-        ),
+        default=os.path.join(cache.root(), "features", "fashion_mnist"),
         help="Fashion-MNIST feature network (as apd.evaluate's --feature_dir)",
     )
     parser.add_argument(

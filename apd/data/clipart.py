@@ -46,6 +46,8 @@ import numpy as np
 from absl import logging
 from PIL import Image, UnidentifiedImageError
 
+from apd import cache as apd_cache
+
 DEFAULT_PATH = "/usr/share/openclipart/png"
 PACKAGE = "openclipart-png"
 IMAGE_SIZE = 64
@@ -95,8 +97,7 @@ _WHITE = (255, 255, 255)
 
 def default_cache_dir() -> str:
     """Where `load` keeps decoded images: $APD_CACHE/datasets, else ~/.cache/apd/datasets."""
-    root = os.environ.get("APD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "apd")
-    return os.path.join(root, "datasets")
+    return os.path.join(apd_cache.root(), "datasets")
 
 
 def png_size(path: str) -> tuple[int, int]:
