@@ -101,7 +101,14 @@ def build(runs: Sequence[Any], results: dict[str, dict]) -> dict[str, Any]:
         label = hyper.run_name(run.group, key_labels) if run.group else "all"
         group = groups.setdefault(
             label,
-            {"name": label, "overrides": run.group, "runs": [], "seeds": [], "missing": []},
+            {
+                "name": label,
+                "overrides": run.group,
+                "runs": [],
+                "seeds": [],
+                "steps": [],  # the evaluated steps of its runs, each once
+                "missing": [],
+            },
         )
         if run.name not in results:
             group["missing"].append(run.name)
@@ -109,7 +116,6 @@ def build(runs: Sequence[Any], results: dict[str, dict]) -> dict[str, Any]:
         group["runs"].append(run.name)
         group["seeds"].append(run.point.get("seed", run.config.seed))
         step = results[run.name]["step"]
-        group.setdefault("steps", [])
         if step not in group["steps"]:
             group["steps"].append(step)
     metric_names: list[str] = []
@@ -153,7 +159,7 @@ def _caption(table: dict[str, Any]) -> str:
         parts = [f"Step {table['step']}"]
     else:
         steps = [
-            f"{g['name']} {'/'.join(str(n) for n in g.get('steps', []))}"
+            f"{g['name']} {'/'.join(str(n) for n in g['steps'])}"
             for g in table["groups"]
             if g.get("steps")
         ]
