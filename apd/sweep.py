@@ -14,7 +14,10 @@ overrides.
 
 Backends:
   local   runs the commands here, one run after another, or --parallel=N runs at a time; the
-          logs are DIR/NAME/train.log and DIR/NAME/evaluate.log.
+          logs are DIR/NAME/train.log and DIR/NAME/evaluate.log. The runs inherit the
+          environment: on a CPU host export XLA_FLAGS="--xla_force_host_platform_device_count=2
+          --xla_cpu_multi_thread_eigen=false" (as launch/quickstart.sh does) and each run splits
+          its batch over two host devices, ~1.6x one device on 2 cores.
   slurm   writes DIR/slurm/STAMP/ (the arguments of each array task, the submit command) and
           submits one job array of launch/slurm_gpu.sbatch (--sweep mode: each task trains,
           then evaluates its run); --parallel=N caps the tasks running at once, --slurm_flags

@@ -336,6 +336,23 @@ def test_archive_keeps_finished_runs_without_their_workdirs(tmp_path, capsys):
     assert archived.state() == plan.PENDING
 
 
+def test_linked_workdir_of_an_identical_run_is_finished_and_archived(tmp_path, capsys):
+    """A point whose config is another sweep's run (delta_max = 0.5 is the ablation's asyncpatch
+    run) reuses that run's workdir through a link: finished, nothing retrained, archived under
+    this sweep's run name."""
+    config = write_config(tmp_path, 'h.sweep("seed", [0, 1])')
+    other = plan.load(config, str(tmp_path / "other")).runs[0]
+    fake_finished(other, value=lambda unit, metric: 3.0)
+    root, archive_dir = tmp_path / "root", tmp_path / "archive"
+    root.mkdir()
+    os.symlink(other.workdir, root / "seed=0")
+    main(f"--config={config}", f"--root={root}", f"--archive={archive_dir}", "--backend=print")
+    out = capsys.readouterr().out
+    assert "# seed=0: finished" in out and out.count("-m apd.train") == 1
+    copy = json.loads((archive_dir / "seed=0.json").read_text())
+    assert copy == integrity.read_json(other.results_path)
+
+
 def test_only_selects_runs(tmp_path):
     config = write_config(
         tmp_path,
@@ -613,14 +630,27 @@ def test_ablation_sweep_keeps_the_single_seed_runs(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name,count,key,values",
+    "name,count,key,values,shared",
     [
-        ("sweep_delta_max", 18, "levels.params.delta_max", (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)),
-        ("sweep_patch_grid", 21, "levels.params.patch_sizes", None),
+        (
+            "sweep_delta_max",
+            18,
+            "levels.params.delta_max",
+            (0.0, 0.1, 0.25, 0.5, 0.75, 1.0),
+            "delta_max=0.5",
+        ),
+        ("sweep_patch_grid", 21, "levels.params.patch_sizes", None, "patch_sizes=1_2_4_8_16"),
     ],
 )
-def test_planned_sweeps(tmp_path, name, count, key, values):
+def test_planned_sweeps(tmp_path, name, count, key, values, shared):
     sweep = plan.load(os.path.join(REPO, "experiments", f"{name}.py"), str(tmp_path))
+    # The point whose config is the ablation's asyncpatch run, seed for seed (its workdirs are
+    # linked rather than retrained: see the configs' docstrings).
+    for seed in ablation_samplers.SEEDS:
+        expected = ablation_samplers.get_config("sampler=asyncpatch")
+        expected.seed = seed
+        run = next(r for r in sweep.runs if r.name == f"{shared},seed={seed}")
+        assert run.config.to_dict() == expected.to_dict()
     assert len(sweep.runs) == count
     assert sweep.keys == [key, "seed"]
     if values:
