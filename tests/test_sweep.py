@@ -21,7 +21,7 @@ import scipy.stats
 from apd import sweep as sweep_cli
 from apd.data import fashion_mnist as fmnist_data
 from apd.evaluation import features, integrity, protocol
-from apd.sweeps import hyper, plan, table
+from apd.sweeps import hyper, plan, plots, table
 from experiments import ablation_samplers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -553,6 +553,49 @@ def test_table_over_training_seeds(tmp_path):
     assert plot.stat().st_size > 10_000 and "(plots/vs_delta_max.png)" in text
 
 
+def test_family_means_per_evaluation_seed_then_over_training_seeds(tmp_path):
+    """inpainting/mean/METHOD/METRIC: each run's mean over mask families per evaluation seed; the
+    group's interval is over the runs' family means. The trade-off curve joins the points."""
+    config = write_config(
+        tmp_path,
+        'h.product([h.sweep("levels.params.delta_max", [0.0, 0.5]), h.sweep("seed", [0, 1])])',
+    )
+    root = tmp_path / "root"
+    sweep = plan.load(config, str(root))
+    offset = {"square": 0.0, "wide": 4.0}
+
+    def value(run):
+        def fn(unit, metric):
+            if unit.evaluator == "generation":
+                return 10.0 + run.point["levels.params.delta_max"]
+            return 20.0 + offset[unit.family] + unit.seed + 2.0 * run.point["seed"]
+
+        return fn
+
+    for run in sweep.runs:
+        run.config.evaluate.unlock()
+        run.config.evaluate.evaluators = ("generation", "inpainting")
+        run.config.evaluate.inpainting.families = ("square", "wide")
+        fake_finished(run, value(run))
+    summary = integrity.read_json(sweep.runs[1].results_path)["summary"]
+    mean = table.with_family_means(summary)["inpainting/mean/apd/fid"]
+    assert mean["values"] == [24.0, 25.0] and mean["seeds"] == [0, 1]  # (22+26)/2, (23+27)/2
+    assert mean["std"] == pytest.approx(0.7071, abs=1e-4)
+    assert "inpainting/mean/apd/known_max_abs_error" not in table.with_family_means(summary)
+    data = table.build(
+        sweep.runs, {r.name: integrity.read_json(r.results_path) for r in sweep.runs}
+    )
+    entry = data["groups"][0]["metrics"]["inpainting/mean/apd/fid"]
+    assert entry["values"] == [22.5, 24.5] and entry["n"] == 2  # training seeds 0 and 1
+    assert plots._curve(data["groups"]) == data["groups"]
+    path = tmp_path / "scatter.png"
+    assert plots.fid_scatter(data, str(path)) and path.stat().st_size > 10_000
+    # No curve across unrelated settings (a string key, or two keys).
+    assert (
+        plots._curve([{"overrides": {":sampler": "a"}}, {"overrides": {":sampler": "b"}}]) is None
+    )
+
+
 def test_table_names_each_groups_step_when_the_runs_train_for_different_lengths(tmp_path):
     config = write_config(tmp_path, 'h.sweep("total_steps", [2, 3])')
     root = tmp_path / "root"
@@ -589,16 +632,16 @@ def test_ablation_table_reproduces_the_single_seed_table(tmp_path, capsys):
     text = sweep_cli.write_table(sweep, ["generation/fid"])
     lines = text.splitlines()
     assert lines[0].startswith("mean ± std over evaluation seeds. Step 4; evaluation seeds [0, 1]")
-    assert "| run | generation fid | square fid | wide fid |" in lines  # the smoke families
-    start = lines.index("| run | generation fid | square fid | wide fid |")
+    header = "| run | generation fid | square fid | wide fid | mean fid |"  # the smoke families
+    start = lines.index(header)
+    cells = " | ".join(["10.25 ± 0.35"] * 4)
+    assert lines[start + 2] == f"| sampler=synchronous | {cells} |"
     assert (
-        lines[start + 2] == "| sampler=synchronous | 10.25 ± 0.35 | 10.25 ± 0.35 | 10.25 ± 0.35 |"
+        lines[start + 3]
+        == "| repaint on sampler=synchronous | - | 15.25 ± 0.35 | 15.25 ± 0.35 | 15.25 ± 0.35 |"
     )
-    assert (
-        lines[start + 3] == "| repaint on sampler=synchronous | - | 15.25 ± 0.35 | 15.25 ± 0.35 |"
-    )
-    assert "| sampler=asyncpatch | 14.25 ± 0.35 | 14.25 ± 0.35 | 14.25 ± 0.35 |" in lines
-    assert "| run | square psnr | wide psnr |" in lines
+    assert f"| sampler=asyncpatch | {' | '.join(['14.25 ± 0.35'] * 4)} |" in lines
+    assert "| run | square psnr | wide psnr | mean psnr |" in lines
     data = json.loads((root / "table.json").read_text())
     perlin = next(g for g in data["groups"] if g["name"] == "sampler=perlin")
     assert perlin["metrics"]["inpainting/wide/apd/fid"]["mean"] == 13.25

@@ -884,15 +884,18 @@ def summarise(records: list[dict[str, Any]], unit_list: list[Unit]) -> dict[str,
             grouped.setdefault(f"{unit.metric_prefix}/{metric}", []).append(
                 (unit.seed, float(value))
             )
-    out = {}
-    for name, pairs in grouped.items():
-        values = np.asarray([v for _, v in pairs], np.float64)
-        out[name] = {
-            "mean": float(values.mean()),
-            "std": float(values.std(ddof=1)) if len(values) > 1 else None,
-            "min": float(values.min()),
-            "max": float(values.max()),
-            "values": [float(v) for v in values],
-            "seeds": [s for s, _ in pairs],
-        }
-    return out
+    return {name: summary_entry(pairs) for name, pairs in grouped.items()}
+
+
+def summary_entry(pairs: list[tuple[int, float]]) -> dict[str, Any]:
+    """One metric's summary from its (evaluation seed, value) pairs: {mean, std, min, max, values,
+    seeds}, std the sample standard deviation (ddof 1; None for one seed)."""
+    values = np.asarray([v for _, v in pairs], np.float64)
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std(ddof=1)) if len(values) > 1 else None,
+        "min": float(values.min()),
+        "max": float(values.max()),
+        "values": [float(v) for v in values],
+        "seeds": [s for s, _ in pairs],
+    }

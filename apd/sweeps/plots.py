@@ -3,7 +3,10 @@
 - `fid_generation_vs_inpainting.png`: generation FID (x) against inpainting FID (y), one panel
   per mask family, one point per group and inpainting method with error bars (the table's
   interval), labelled; lower-left is better at both. An inpainting method other than the
-  model's own plan (e.g. RePaint) sits at its model's generation FID.
+  model's own plan (e.g. RePaint) sits at its model's generation FID. A panel `mean` plots the
+  mean over families (`apd.sweeps.table.with_family_means`). When the groups differ in one
+  numeric key (delta_max), a line joins the model's own points in the key's order: the
+  trade-off curve.
 - `vs_LABEL.png`, one per key swept over two or more values (except `seed`): each metric
   pattern (fnmatch over the summary names, e.g. `inpainting/*/apd/fid`) in a panel against the
   key's values, a line per matching metric and per combination of the other swept keys that the
@@ -70,6 +73,7 @@ def fid_scatter(table: dict[str, Any], path: str) -> bool:
     groups = [g for g in table["groups"] if "generation/fid" in g["metrics"]]
     if not families or not groups:
         return False
+    curve = _curve(groups)
     cols = min(3, len(families))
     rows = math.ceil(len(families) / cols)
     fig = Figure(figsize=(4.6 * cols, 4.0 * rows), layout="constrained")
@@ -103,6 +107,13 @@ def fid_scatter(table: dict[str, Any], path: str) -> bool:
                     xytext=(3, 3),
                     textcoords="offset points",
                 )
+        if curve is not None:
+            points = [
+                (g["metrics"]["generation/fid"]["mean"], g["metrics"][name]["mean"])
+                for g in curve
+                if (name := f"inpainting/{family}/{DEFAULT_METHOD}/fid") in g["metrics"]
+            ]
+            ax.plot(*zip(*points, strict=True), color="0.6", lw=1, zorder=0)
         ax.set_xlabel("generation FID")
         ax.set_ylabel(f"{family} inpainting FID")
         ax.set_title(family)
@@ -110,6 +121,21 @@ def fid_scatter(table: dict[str, Any], path: str) -> bool:
     fig.suptitle(f"Generation against inpainting FID ({table['interval']})", fontsize=10)
     fig.savefig(path, dpi=110)
     return True
+
+
+def _curve(groups: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The groups in the order of their one swept numeric key, when they have one (besides
+    `seed`) and two or more values of it; else None."""
+    keys = {k for g in groups for k in g["overrides"]}
+    if len(keys) != 1:
+        return None
+    (key,) = keys
+    values = [g["overrides"].get(key) for g in groups]
+    if len(groups) < 2 or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in values
+    ):
+        return None
+    return sorted(groups, key=lambda g: g["overrides"][key])
 
 
 def _determined_by(groups: list[dict[str, Any]], key: str, other: str) -> bool:

@@ -8,18 +8,24 @@ run reports that run's spread over evaluation seeds (the summary's std) instead.
 
 Metric names are those of the summaries: `EVALUATOR/METRIC` (generation),
 `EVALUATOR/SETTING/METRIC` (likelihood paths) and `EVALUATOR/SETTING/METHOD/METRIC` (inpainting
-families and methods). table.md has one table per METRIC: a row per group and method (`apd`, the
-model's own plan, is the group's row; another method M is the row `M on GROUP`), a column per
-evaluator setting.
+families and methods). To these each run adds `inpainting/mean/METHOD/METRIC` for the quality
+metrics (FAMILY_MEAN_METRICS) of a method evaluated on two or more mask families: the mean over
+the families, per evaluation seed (so its interval over training seeds is that of the runs'
+family means, not a combination of the families' intervals). table.md has one table per METRIC:
+a row per group and method (`apd`, the model's own plan, is the group's row; another method M is
+the row `M on GROUP`), a column per evaluator setting.
 """
 
 import math
 from collections.abc import Sequence
 from typing import Any
 
+from apd.evaluation import protocol
 from apd.sweeps import hyper
 
 DEFAULT_METHOD = "apd"
+FAMILY_MEAN = "mean"  # the column of the mean over mask families
+FAMILY_MEAN_METRICS = ("fid", "kid", "psnr", "ssim", "lpips")
 
 
 def t_quantile(df: int, p: float = 0.975) -> float:
@@ -92,6 +98,32 @@ def split_name(metric: str) -> tuple[str, str, str]:
     return parts[1], "/".join(parts[2:-1]), parts[-1]
 
 
+def with_family_means(summary: dict[str, dict]) -> dict[str, dict]:
+    """The summary with `inpainting/mean/METHOD/METRIC` added for each inpainting method and
+    metric of FAMILY_MEAN_METRICS on two or more families with the same evaluation seeds."""
+    families: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for name, entry in summary.items():
+        parts = name.split("/")
+        if (
+            len(parts) == 4
+            and parts[0] == "inpainting"
+            and parts[1] != FAMILY_MEAN
+            and parts[3] in FAMILY_MEAN_METRICS
+        ):
+            families.setdefault((parts[2], parts[3]), []).append(entry)
+    out = dict(summary)
+    for (method, metric), entries in families.items():
+        seeds = entries[0]["seeds"]
+        if len(entries) < 2 or any(e["seeds"] != seeds for e in entries):
+            continue
+        pairs = [
+            (seed, math.fsum(e["values"][i] for e in entries) / len(entries))
+            for i, seed in enumerate(seeds)
+        ]
+        out[f"inpainting/{FAMILY_MEAN}/{method}/{metric}"] = protocol.summary_entry(pairs)
+    return out
+
+
 def build(runs: Sequence[Any], results: dict[str, dict]) -> dict[str, Any]:
     """table.json: the groups of the sweep's runs (`plan.Run`s, in sweep order) with every metric
     of the runs that have results (run name -> results.json)."""
@@ -118,13 +150,14 @@ def build(runs: Sequence[Any], results: dict[str, dict]) -> dict[str, Any]:
         step = results[run.name]["step"]
         if step not in group["steps"]:
             group["steps"].append(step)
+    summaries = {name: with_family_means(record["summary"]) for name, record in results.items()}
     metric_names: list[str] = []
-    for record in results.values():
-        metric_names += [m for m in record["summary"] if m not in metric_names]
+    for summary in summaries.values():
+        metric_names += [m for m in summary if m not in metric_names]
     for group in groups.values():
         group["metrics"] = {}
         for metric in metric_names:
-            entries = [results[name]["summary"].get(metric) for name in group["runs"]]
+            entries = [summaries[name].get(metric) for name in group["runs"]]
             entries = [e for e in entries if e is not None]
             if entries:
                 eval_std = entries[0].get("std") if len(entries) == 1 else None
