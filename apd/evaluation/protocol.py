@@ -296,6 +296,8 @@ def unit_settings(unit: Unit, evaluate: mc.ConfigDict) -> dict[str, Any]:
             # recomputed. Changing it recomputes every stored unit.
             "kid": [evaluate.kid_subsets, evaluate.kid_subset_size, "fmnist features standardised"],
         }
+    if unit.evaluator in ("inpainting", "reconstruction") and evaluate.get("lpips_weights"):
+        common |= {"lpips": evaluate.lpips_weights}  # a unit without LPIPS is not reused
     if unit.evaluator == "reconstruction":
         return common | {
             "num_images": evaluate.inpainting.num_images,
