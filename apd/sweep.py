@@ -129,7 +129,9 @@ class State:
         if os.path.exists(self.path):
             previous = integrity.read_json(self.path)
             old = previous.get("config_file")
-            if old and os.path.realpath(old) != os.path.realpath(sweep.path):
+            # By file name: the same sweep relaunched from another checkout (another machine,
+            # a fresh clone) is the same sweep.
+            if old and os.path.basename(old) != os.path.basename(sweep.path):
                 raise ValueError(
                     f"{sweep.root} holds a sweep of {old}, not of {sweep.path}: use another --root."
                 )

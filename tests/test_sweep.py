@@ -379,6 +379,11 @@ def test_other_config_in_the_same_root_fails(tmp_path):
     other.write_text((tmp_path / "sweep_config.py").read_text())
     with pytest.raises(SystemExit, match="holds a sweep of"):
         main(f"--config={other}", f"--root={root}", "--stage=status")
+    # The same config from another checkout (a fresh clone, another machine) is the same sweep.
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    (clone / "sweep_config.py").write_text((tmp_path / "sweep_config.py").read_text())
+    main(f"--config={clone / 'sweep_config.py'}", f"--root={root}", "--stage=status")
 
 
 def test_named_evaluation_evaluates_the_training_sweeps_runs(tmp_path, capsys):
