@@ -130,12 +130,14 @@ def _curve(groups: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
     if len(keys) != 1:
         return None
     (key,) = keys
-    values = [g["overrides"].get(key) for g in groups]
-    if len(groups) < 2 or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in values
-    ):
+    if len(groups) < 2 or not _numeric([g["overrides"].get(key) for g in groups]):
         return None
     return sorted(groups, key=lambda g: g["overrides"][key])
+
+
+def _numeric(values: list[Any]) -> bool:
+    """Whether every value is a number (bools are not), so that the values order a plot axis."""
+    return all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
 
 
 def _determined_by(groups: list[dict[str, Any]], key: str, other: str) -> bool:
@@ -175,7 +177,7 @@ def against_key(table: dict[str, Any], key: str, patterns: Sequence[str], path: 
     for group in groups:
         value = group["overrides"][key]
         values += [value] if value not in values else []
-    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    numeric = _numeric(values)
     if numeric:
         values.sort()
     position = {repr(v): (v if numeric else i) for i, v in enumerate(values)}
