@@ -298,7 +298,8 @@ def main() -> None:
                 f"{family:9s}{level:>5s}{cells}{_cell(entry['w_star'], 3):>16s}"
                 f"{_cell(entry['cos'], 3):>16s}"
             )
-    record = {"runs": per_run, "summary": summary}
+    # The summary holds every run's values ("values", in --workdir order).
+    record = {"runs": [{k: r[k] for k in ("workdir", "step")} for r in per_run], "summary": summary}
     report.write(args.out, record, args)
     if args.plot:
         plot(summary, args, args.plot)

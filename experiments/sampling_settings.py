@@ -15,7 +15,8 @@ its network evaluations per image, guidance branches counted):
   - apd's inpainting plan at 25 and 75 steps against RePaint on the synchronous model at 25 steps
     with jump 5 / resample 3 (65 calls), jump 1 / resample 3 (73 calls: about 75, apd's 75-step
     cost) and the RePaint paper's jump 10 / resample 10 ratio (205 calls);
-  - classifier-free guidance scale 0, 1, 2, 4 for generation (500 samples; FID and KID).
+  - classifier-free guidance scale 0, 0.25, 0.5, 1, 2, 4 for generation (500 samples; FID and
+    KID).
 
 Config arguments: sampler (asyncpatch or synchronous), steps, smoke (as the ablation's).
 """
@@ -28,7 +29,7 @@ EVALUATION = "sampling"
 SAMPLERS = ("asyncpatch", "synchronous")
 INPUT_GUIDANCE = (0.5, 1.0, 1.5, 2.0, 4.0)
 CONTEXT_LEVELS = (0.5, 1.0)
-CFG_SCALES = (1.0, 2.0, 4.0)
+CFG_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 def get_config(arg: str | None = None) -> mc.ConfigDict:
