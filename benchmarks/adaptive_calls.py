@@ -3,6 +3,7 @@
     python benchmarks/adaptive_calls.py --workdir=W [--num=1000] [--steps=100] [--min_steps=N]
         [--reestimate_every=10] [--align=start] [--batch=64] [--eta=0.25] [--labels=random]
         [--seed=0] [--feature_dir=DIR] [--out=FILE.json]
+    python benchmarks/adaptive_calls.py --combine A.json B.json ...
 
 W is a Fashion-MNIST training run (`apd.train`) with an uncertainty head
 (`python -m apd.train_uncertainty --workdir=W`); the script stops with one line saying what is
@@ -22,9 +23,15 @@ and seed throughout:
 
 Prints a table and writes JSON (`report.write`). FID from a few hundred images is biased
 upwards (KID is not); compare the rows with each other, at one --num.
+
+--combine reads the JSON of several runs (one per training seed, the same flags otherwise) and
+prints, for adaptive sampling, synchronous DDIM at its mean calls and synchronous DDIM at n_max,
+the mean and 95% t-interval over the runs of calls per image, FID_FMNIST and KID, and of the
+paired differences adaptive minus synchronous at equal calls (the same model and labels).
 """
 
 import argparse
+import json
 import math
 import os
 import time
@@ -39,7 +46,8 @@ from apd.evaluation import protocol
 
 def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="training run with an uncertainty head")
+    parser.add_argument("--workdir", help="training run with an uncertainty head")
+    parser.add_argument("--combine", nargs="+", metavar="JSON", help="summarise earlier runs")
     parser.add_argument("--num", type=int, default=1000, help="images per sampler")
     parser.add_argument("--steps", type=int, default=100, help="n_max, the most steps per pixel")
     parser.add_argument("--min_steps", type=int, default=None, help="n_min (default 2 steps/5)")
@@ -61,6 +69,10 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
         default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "adaptive_calls.json"),
     )
     args = parser.parse_args()
+    if (args.workdir is None) == (args.combine is None):
+        parser.error(
+            "give either --workdir (a run to measure) or --combine (results to summarise)."
+        )
     for name in ("num", "steps", "batch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1; got {getattr(args, name)}.")
@@ -91,8 +103,64 @@ def load(
     return run, sampler, head.info
 
 
+ROLES = ("adaptive", "synchronous at equal calls", "synchronous at n_max")
+
+
+def roles(record: dict) -> dict[str, dict]:
+    """A result's rows by role (the equal-calls row is the n_max row when M rounds to n_max)."""
+    rows = {row["sampler"]: row for row in record["rows"]}
+    adaptive = rows["adaptive"]
+    n_max = record["settings"]["budget"][1]
+    matched = max(1, round(adaptive["calls_per_image"]))
+    return {
+        ROLES[0]: adaptive,
+        ROLES[1]: rows[f"synchronous_{matched}"],
+        ROLES[2]: rows[f"synchronous_{n_max}"],
+    }
+
+
+def combine(paths: list[str]) -> None:
+    """Prints the mean and 95% t-interval over the results in `paths` (see the module doc)."""
+    from apd.sweeps import table
+
+    records = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            records.append(json.load(f))
+    budgets = {tuple(r["settings"]["budget"]) for r in records}
+    if len(budgets) != 1:
+        raise SystemExit(
+            f"the results have different budgets {sorted(budgets)}; combine like runs."
+        )
+    by_role = [roles(r) for r in records]
+
+    def cell(values: list[float], digits: int) -> str:
+        entry = table.aggregate(values, None)
+        error = "" if entry["error"] is None else f" ± {entry['error']:.{digits}f}"
+        return f"{entry['mean']:.{digits}f}{error}"
+
+    print(f"{len(records)} runs, budget {budgets.pop()}: mean ± 95% t-interval over the runs")
+    print("| sampler | calls / image | FID_FMNIST | KID |")
+    print("|---|---|---|---|")
+    for role in ROLES:
+        rows = [r[role] for r in by_role]
+        print(
+            f"| {role} | {cell([r['calls_per_image'] for r in rows], 1)} | "
+            f"{cell([r['fid_fmnist'] for r in rows], 2)} | {cell([r['kid'] for r in rows], 4)} |"
+        )
+    adaptive, equal = ROLES[0], ROLES[1]
+    print(
+        f"| adaptive - synchronous at equal calls | - | "
+        f"{cell([r[adaptive]['fid_fmnist'] - r[equal]['fid_fmnist'] for r in by_role], 2)} | "
+        f"{cell([r[adaptive]['kid'] - r[equal]['kid'] for r in by_role], 4)} |"
+    )
+
+
 def main() -> None:
     parser, args = parse_args()
+    if args.combine:
+        combine(args.combine)
+        return
     run, sampler, head_info = load(parser, args)
     labels = run_sampler.resolve_labels(args.labels, run.num_classes, args.num, args.seed)
     min_steps = args.min_steps

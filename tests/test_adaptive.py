@@ -8,6 +8,7 @@ sigma^2) z, whose squared error has mean v sigma^2 / (alpha^2 v + sigma^2) per p
 """
 
 import functools
+import json
 
 import flax.linen as nn
 import jax
@@ -331,3 +332,40 @@ def test_head_predicts_the_backbone_error():
     assert calibration["pixels"] == 8 * 32 * GRID[0] * GRID[1]
     assert len(calibration["by_level"]) == train_uncertainty.LEVEL_BUCKETS
     assert sum(b["pixels"] for b in calibration["by_level"]) == calibration["pixels"]
+
+
+def test_adaptive_calls_combine_pairs_each_run_s_rows_by_role(tmp_path, capsys):
+    """benchmarks/adaptive_calls.py --combine: per run, the equal-calls row is the one at the
+    adaptive mean calls rounded (it differs between runs), and the difference is paired."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    import adaptive_calls
+
+    paths = []
+    for i, (calls, fid_a, fid_s) in enumerate([(91.6, 13.0, 14.0), (90.4, 12.0, 15.0)]):
+        matched = round(calls)
+        rows = [
+            {"sampler": "adaptive", "calls_per_image": calls, "fid_fmnist": fid_a, "kid": 0.01},
+            {
+                "sampler": f"synchronous_{matched}",
+                "calls_per_image": matched,
+                "fid_fmnist": fid_s,
+                "kid": 0.02,
+            },
+            {
+                "sampler": "synchronous_100",
+                "calls_per_image": 100.0,
+                "fid_fmnist": 99.0,
+                "kid": 0.5,
+            },
+        ]
+        path = tmp_path / f"r{i}.json"
+        path.write_text(json.dumps({"rows": rows, "settings": {"budget": [40, 100]}}))
+        paths.append(str(path))
+    adaptive_calls.combine(paths)
+    out = capsys.readouterr().out
+    assert "| synchronous at equal calls | 91.0 ± 12.7 | 14.50 ± 6.35 |" in out
+    assert "| synchronous at n_max | 100.0 ± 0.0 | 99.00 ± 0.00 |" in out
+    assert "| adaptive - synchronous at equal calls | - | -2.00 ± 12.71 |" in out
