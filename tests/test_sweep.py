@@ -752,3 +752,37 @@ def test_local_backend_end_to_end(tmp_path, monkeypatch):
     logs = {p: p.stat().st_mtime for p in root.glob("*/*.log")}
     main(f"--config={config}", f"--root={root}")
     assert {p: p.stat().st_mtime for p in root.glob("*/*.log")} == logs
+
+
+def test_paired_differences_against_the_default_method_on_the_same_runs(tmp_path):
+    """A setting that adds 0.5 on every run pairs to 0.5 ± 0 while the two groups' own
+    intervals (spread by the runs) overlap; calls and known-pixel errors are not paired."""
+    config = write_config(tmp_path, 'h.sweep("seed", [0, 1, 2])')
+    root = tmp_path / "root"
+    sweep = plan.load(config, str(root))
+
+    def value(run):
+        def fn(unit, metric):
+            base = 20.0 + 3.0 * run.point["seed"] + unit.seed
+            return base + (0.5 if unit.method.name == "apd_ig1" else 0.0)
+
+        return fn
+
+    for run in sweep.runs:
+        run.config.evaluate.unlock()
+        run.config.evaluate.evaluators = ("inpainting",)
+        run.config.evaluate.inpainting.families = ("square", "wide")
+        run.config.evaluate.inpainting.methods = ("apd", "apd:ig=1")
+        fake_finished(run, value(run))
+    data = table.build(
+        sweep.runs, {r.name: integrity.read_json(r.results_path) for r in sweep.runs}
+    )
+    group = data["groups"][0]
+    assert group["metrics"]["inpainting/wide/apd/fid"]["error"] > 5.0  # the runs' spread
+    paired = group["paired"]["inpainting/mean/apd_ig1/fid"]
+    assert paired["mean"] == pytest.approx(0.5) and paired["error"] == pytest.approx(0.0)
+    assert "inpainting/wide/apd/fid" not in group["paired"]  # the default itself
+    assert not any(n.endswith(("known_max_abs_error", "calls_per_image")) for n in group["paired"])
+    assert table.baseline_name("generation/ddim_cfg2/kid") == "generation/kid"
+    text = table.markdown(data)
+    assert "fid, paired:" in text and "| apd_ig1 on all (n=3) | 0.5000 ± 0.0000 |" in text

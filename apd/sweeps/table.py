@@ -14,6 +14,12 @@ the families, per evaluation seed (so its interval over training seeds is that o
 family means, not a combination of the families' intervals). table.md has one table per METRIC:
 a row per group and method (`apd`, the model's own plan, is the group's row; another method M is
 the row `M on GROUP`), a column per evaluator setting.
+
+Methods evaluated on the same runs (sampling settings, RePaint on the synchronous model) are also
+compared in pairs: a group's `paired` entries are, per run, a method's value minus the default
+method's (apd for inpainting, ddim for generation) on that run, aggregated over the runs the same
+way. The trained models' spread cancels in a paired difference, so its interval answers "does
+this setting change the result on these models" far more tightly than two overlapping groups.
 """
 
 import math
@@ -124,6 +130,42 @@ def with_family_means(summary: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
+def baseline_name(metric: str) -> str | None:
+    """The same metric of the evaluator's default method, which another method of the same run is
+    paired with: 'inpainting/wide/apd_ig1/psnr' -> 'inpainting/wide/apd/psnr', 'generation/
+    ddim_cfg2/fid' -> 'generation/fid'; None for a default method's own metric, or one that a
+    difference says nothing about (calls, the known pixels' error)."""
+    column, method, name = split_name(metric)
+    if method == DEFAULT_METHOD or name not in FAMILY_MEAN_METRICS:
+        return None
+    parts = metric.split("/")
+    if parts[0] == "generation":
+        return f"generation/{name}"
+    if parts[0] == "inpainting":
+        return f"inpainting/{column}/{DEFAULT_METHOD}/{name}"
+    return None
+
+
+def paired_differences(
+    summaries: Sequence[dict[str, dict]], metric_names: Sequence[str]
+) -> dict[str, dict]:
+    """Per metric of a non-default method: the aggregate over the runs (their summaries, each
+    with family means) of its value minus its baseline's on the same run. Settings compared on
+    the same trained models differ by much less than the models do; pairing removes the models'
+    spread from the interval."""
+    out = {}
+    for metric in metric_names:
+        base = baseline_name(metric)
+        if base is None:
+            continue
+        diffs = [
+            s[metric]["mean"] - s[base]["mean"] for s in summaries if metric in s and base in s
+        ]
+        if diffs:
+            out[metric] = aggregate(diffs, None)
+    return out
+
+
 def build(runs: Sequence[Any], results: dict[str, dict]) -> dict[str, Any]:
     """table.json: the groups of the sweep's runs (`plan.Run`s, in sweep order) with every metric
     of the runs that have results (run name -> results.json)."""
@@ -162,6 +204,9 @@ def build(runs: Sequence[Any], results: dict[str, dict]) -> dict[str, Any]:
             if entries:
                 eval_std = entries[0].get("std") if len(entries) == 1 else None
                 group["metrics"][metric] = aggregate([e["mean"] for e in entries], eval_std)
+        group["paired"] = paired_differences(
+            [summaries[name] for name in group["runs"]], metric_names
+        )
     first = next(iter(results.values()), None)
     seeded = any(len(g["runs"]) > 1 for g in groups.values())
     steps = {r["step"] for r in results.values()}
@@ -259,12 +304,50 @@ def markdown(table: dict[str, Any], plots: Sequence[str] = ()) -> str:
                 rows.append("| " + " | ".join([label, *cells]) + " |")
         lines += [f"{metric}:", "", "| " + " | ".join(header) + " |"]
         lines += ["|" + "|".join("---" for _ in header) + "|", *rows, ""]
+    lines += _paired_markdown(table)
     missing = [name for g in table["groups"] for name in g["missing"]]
     if missing:
         lines += [f"Not evaluated yet: {', '.join(missing)}.", ""]
     for plot in plots:
         lines += [f"![{plot}]({plot})", ""]
     return "\n".join(lines)
+
+
+def _paired_markdown(table: dict[str, Any]) -> list[str]:
+    """The paired differences (`paired_differences`), one table per metric."""
+    names = [n for n in table["metrics"] if any(n in g.get("paired", {}) for g in table["groups"])]
+    if not names:
+        return []
+    lines = [
+        "Paired differences: each method minus the default method (apd; generation: ddim) on "
+        "the same runs, mean ± 95% t-interval over training seeds (a group with one run: its "
+        "difference).",
+        "",
+    ]
+    by_metric: dict[str, tuple[list[str], list[str]]] = {}
+    for name in names:
+        column, method, metric = split_name(name)
+        columns, methods = by_metric.setdefault(metric, ([], []))
+        columns += [column] if column not in columns else []
+        methods += [method] if method not in methods else []
+    for metric, (columns, methods) in by_metric.items():
+        header = ["method minus default", *(f"{c} {metric}" for c in columns)]
+        rows = []
+        for group in table["groups"]:
+            for method in methods:
+                cells = [
+                    _cell(group.get("paired", {}).get(_metric_name(table, c, method, metric) or ""))
+                    for c in columns
+                ]
+                if all(c == "-" for c in cells):
+                    continue
+                label = f"{method} on {group['name']}"
+                if len(group["runs"]) > 1:
+                    label += f" (n={len(group['runs'])})"
+                rows.append("| " + " | ".join([label, *cells]) + " |")
+        lines += [f"{metric}, paired:", "", "| " + " | ".join(header) + " |"]
+        lines += ["|" + "|".join("---" for _ in header) + "|", *rows, ""]
+    return lines
 
 
 def _metric_name(table: dict[str, Any], column: str, method: str, metric: str) -> str | None:
