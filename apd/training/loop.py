@@ -16,6 +16,7 @@ import ml_collections as mc
 import numpy as np
 from absl import logging
 from clu import parameter_overview, periodic_actions
+from jax.experimental import multihost_utils
 
 from apd import cli
 from apd import data as data_lib
@@ -227,9 +228,21 @@ def train_and_evaluate(config: mc.ConfigDict, workdir: str) -> dict[str, Any]:
             history.append(host)
 
         step = start
+        first = None
+        if jax.process_count() > 1 and step < total:
+            # CPU collectives (gloo) give the processes a fixed 30 s to meet at their first
+            # collective, and a process that compiles its step more slowly (a loaded host)
+            # misses it. Compile the step first, then meet at a barrier: the first step then
+            # starts together. The jitted step reuses this compilation.
+            first = builder.global_batch(next(train_iter), run.batch_sharding)
+            run.train_step.lower(state, first).compile()
+            multihost_utils.sync_global_devices("apd_train_step_compiled")
         while step < total:
             t0 = time.perf_counter()
-            batch = builder.global_batch(next(train_iter), run.batch_sharding)
+            if first is None:
+                batch = builder.global_batch(next(train_iter), run.batch_sharding)
+            else:
+                batch, first = first, None
             input_wait += time.perf_counter() - t0
             state, device_metrics = run.train_step(state, batch)
             if pending is not None:
