@@ -274,37 +274,18 @@ def _caption(table: dict[str, Any]) -> str:
 
 
 def markdown(table: dict[str, Any], plots: Sequence[str] = ()) -> str:
-    """table.md: one table per metric, then the plots."""
-    by_metric: dict[str, dict[str, list[str]]] = {}  # metric -> {"columns", "methods"}
-    for name in table["metrics"]:
-        column, method, metric = split_name(name)
-        entry = by_metric.setdefault(metric, {"columns": [], "methods": []})
-        if column not in entry["columns"]:
-            entry["columns"].append(column)
-        if method not in entry["methods"]:
-            entry["methods"].append(method)
+    """table.md: one table per metric, the paired differences, then the plots."""
     lines = [_caption(table), ""]
-    for metric, layout in by_metric.items():
-        header = ["run", *(f"{c} {metric}" for c in layout["columns"])]
-        rows = []
-        for group in table["groups"]:
-            for method in layout["methods"]:
-                cells = []
-                for column in layout["columns"]:
-                    cells.append(
-                        _cell(group["metrics"].get(_metric_name(table, column, method, metric)))
-                    )
-                if all(c == "-" for c in cells):
-                    continue
-                label = (
-                    group["name"] if method == DEFAULT_METHOD else f"{method} on {group['name']}"
-                )
-                if len(group["runs"]) > 1:
-                    label += f" (n={len(group['runs'])})"
-                rows.append("| " + " | ".join([label, *cells]) + " |")
-        lines += [f"{metric}:", "", "| " + " | ".join(header) + " |"]
-        lines += ["|" + "|".join("---" for _ in header) + "|", *rows, ""]
-    lines += _paired_markdown(table)
+    lines += _metric_tables(table, table["metrics"], "metrics", "run", "")
+    paired = [n for n in table["metrics"] if any(n in g.get("paired", {}) for g in table["groups"])]
+    if paired:
+        lines += [
+            "Paired differences: each method minus the default method (apd; generation: ddim) "
+            "on the same runs, mean ± 95% t-interval over training seeds (a group with one run: "
+            "its difference).",
+            "",
+        ]
+        lines += _metric_tables(table, paired, "paired", "method minus default", ", paired")
     missing = [name for g in table["groups"] for name in g["missing"]]
     if missing:
         lines += [f"Not evaluated yet: {', '.join(missing)}.", ""]
@@ -313,39 +294,37 @@ def markdown(table: dict[str, Any], plots: Sequence[str] = ()) -> str:
     return "\n".join(lines)
 
 
-def _paired_markdown(table: dict[str, Any]) -> list[str]:
-    """The paired differences (`paired_differences`), one table per metric."""
-    names = [n for n in table["metrics"] if any(n in g.get("paired", {}) for g in table["groups"])]
-    if not names:
-        return []
-    lines = [
-        "Paired differences: each method minus the default method (apd; generation: ddim) on "
-        "the same runs, mean ± 95% t-interval over training seeds (a group with one run: its "
-        "difference).",
-        "",
-    ]
-    by_metric: dict[str, tuple[list[str], list[str]]] = {}
+def _metric_tables(
+    table: dict[str, Any], names: Sequence[str], entries: str, first: str, suffix: str
+) -> list[str]:
+    """One markdown table per METRIC of `names`: a row per group and method (the default method
+    is the group's row), a column per evaluator setting, the cells from each group's `entries`
+    ('metrics' or 'paired')."""
+    by_metric: dict[str, tuple[list[str], list[str]]] = {}  # metric -> (columns, methods)
     for name in names:
         column, method, metric = split_name(name)
         columns, methods = by_metric.setdefault(metric, ([], []))
         columns += [column] if column not in columns else []
         methods += [method] if method not in methods else []
+    lines = []
     for metric, (columns, methods) in by_metric.items():
-        header = ["method minus default", *(f"{c} {metric}" for c in columns)]
+        header = [first, *(f"{c} {metric}" for c in columns)]
         rows = []
         for group in table["groups"]:
             for method in methods:
                 cells = [
-                    _cell(group.get("paired", {}).get(_metric_name(table, c, method, metric) or ""))
+                    _cell(group.get(entries, {}).get(_metric_name(table, c, method, metric)))
                     for c in columns
                 ]
                 if all(c == "-" for c in cells):
                     continue
-                label = f"{method} on {group['name']}"
+                label = (
+                    group["name"] if method == DEFAULT_METHOD else f"{method} on {group['name']}"
+                )
                 if len(group["runs"]) > 1:
                     label += f" (n={len(group['runs'])})"
                 rows.append("| " + " | ".join([label, *cells]) + " |")
-        lines += [f"{metric}, paired:", "", "| " + " | ".join(header) + " |"]
+        lines += [f"{metric}{suffix}:", "", "| " + " | ".join(header) + " |"]
         lines += ["|" + "|".join("---" for _ in header) + "|", *rows, ""]
     return lines
 
