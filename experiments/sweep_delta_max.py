@@ -12,8 +12,9 @@ archived run is finished. Three training seeds.
     mkdir -p runs/delta_max
     for s in 0 1 2; do ln -sfn "$PWD/runs/ablation/sampler=asyncpatch,seed=$s" \
         "runs/delta_max/delta_max=0.5,seed=$s"; done
-    # or, from the archive: cp "benchmarks/results/ablation/sampler=asyncpatch,seed=$s.json" \
-    #     "benchmarks/results/delta_max/delta_max=0.5,seed=$s.json"
+    # or, from the archive: for s in 0 1 2; do cp \
+    #   "benchmarks/results/ablation/sampler=asyncpatch,seed=$s.json" \
+    #   "benchmarks/results/delta_max/delta_max=0.5,seed=$s.json"; done
     python -m apd.sweep --config=experiments/sweep_delta_max.py --root=runs/delta_max \
         --archive=benchmarks/results/delta_max
 
